@@ -50,9 +50,7 @@ def ligerjax_attention(q, k, v, q_positions, kv_lengths, *, causal, sm_scale):
     """The traced attention call: its jaxpr equation is a ``pjit`` named after this function."""
     from ligerjax.kernels.dispatch import attention_fallback
 
-    return attention_fallback(
-        q, k, v, q_positions, kv_lengths, causal=causal, sm_scale=sm_scale
-    )
+    return attention_fallback(q, k, v, q_positions, kv_lengths, causal=causal, sm_scale=sm_scale)
 
 
 _attention_call = ligerjax_attention

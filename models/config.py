@@ -27,7 +27,8 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.rope_type not in ("default", "linear", "llama3"):
             raise ValueError(
-                f"rope_scaling.rope_type={self.rope_type!r}: expected 'default', 'linear' or 'llama3'"
+                f"rope_scaling.rope_type={self.rope_type!r}: "
+                "expected 'default', 'linear' or 'llama3'"
             )
         if self.factor <= 0:
             raise ValueError(f"rope_scaling.factor={self.factor}: must be > 0")

@@ -49,8 +49,16 @@ class DenseKVCache:
     def attend(self, layer, q_bthd, k_btkd, v_btkd, positions_bt):
         B = q_bthd.shape[0]
         b_idx = jnp.arange(B)[:, None]
-        k_l = self.k_lbskd[layer].at[b_idx, positions_bt].set(k_btkd.astype(self.k_lbskd.dtype), mode="drop")
-        v_l = self.v_lbskd[layer].at[b_idx, positions_bt].set(v_btkd.astype(self.v_lbskd.dtype), mode="drop")
+        k_l = (
+            self.k_lbskd[layer]
+            .at[b_idx, positions_bt]
+            .set(k_btkd.astype(self.k_lbskd.dtype), mode="drop")
+        )
+        v_l = (
+            self.v_lbskd[layer]
+            .at[b_idx, positions_bt]
+            .set(v_btkd.astype(self.v_lbskd.dtype), mode="drop")
+        )
         o_bthd = ops.attention(q_bthd, k_l, v_l, causal=True, q_positions=positions_bt)
         cache = DenseKVCache(self.k_lbskd.at[layer].set(k_l), self.v_lbskd.at[layer].set(v_l))
         return o_bthd, cache

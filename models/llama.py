@@ -123,7 +123,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x_bte, positions_bt, inv_freq, cache: KVCache, layer: int):
-        h_bte, cache = self.self_attn(self.input_layernorm(x_bte), positions_bt, inv_freq, cache, layer)
+        h_bte, cache = self.self_attn(
+            self.input_layernorm(x_bte), positions_bt, inv_freq, cache, layer
+        )
         x_bte = x_bte + h_bte
         x_bte = x_bte + self.mlp(self.post_attention_layernorm(x_bte))
         return x_bte, cache
@@ -151,7 +153,9 @@ class Llama(nnx.Module):
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.lm_head = (
-            None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size, config, rngs)
+            None
+            if config.tie_word_embeddings
+            else _linear(config.hidden_size, config.vocab_size, config, rngs)
         )
 
     def hidden_states(
@@ -161,7 +165,9 @@ class Llama(nnx.Module):
         cache: KVCache,
     ) -> tuple[jax.Array, KVCache]:  # [B, T, E]
         """Final-norm hidden states of every token, and the updated cache."""
-        inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        inv_freq = rope_inv_freq(
+            self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
+        )
         x_bte = self.embed_tokens(tokens_bt)
         for i, layer in enumerate(self.layers):
             x_bte, cache = layer(x_bte, positions_bt, inv_freq, cache, i)
@@ -180,6 +186,10 @@ class Llama(nnx.Module):
         cache: KVCache | None = None,
     ) -> tuple[jax.Array, KVCache]:  # [B, T, V]
         if positions_bt is None:
-            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
-        h_bte, cache = self.hidden_states(tokens_bt, positions_bt, cache if cache is not None else NoCache())
+            positions_bt = jnp.broadcast_to(
+                jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape
+            )
+        h_bte, cache = self.hidden_states(
+            tokens_bt, positions_bt, cache if cache is not None else NoCache()
+        )
         return self.logits(h_bte), cache
