@@ -133,7 +133,8 @@ class KVCacheManager:
         self, request: Request, num_new_tokens: int, computed: ComputedBlocks | None = None
     ) -> list[int] | None:
         """Make room for ``num_new_tokens`` tokens after the computed ones; returns the newly
-        allocated block ids, or None, having changed nothing, when too few blocks are free.
+        allocated block ids (a copy-on-write block first), or None, having changed nothing,
+        when too few blocks are free.
 
         ``computed`` (from ``get_computed_blocks``, only for a sequence holding no blocks)
         marks an admission: its hit blocks join the table and the lookup counts in the
@@ -153,13 +154,12 @@ class KVCacheManager:
         table.extend(hits.block_ids)
         start = request.num_computed_tokens + hits.num_tokens
         shared = self._shared_block_index(table, start, num_new_tokens)
-        if shared is not None:
-            self._copy_on_write(table, shared)
+        copied = [] if shared is None else [self._copy_on_write(table, shared)]
         new_blocks = self.pool.allocate(
             max(0, cdiv(start + num_new_tokens, self.block_size) - len(table))
         )
         table.extend(new_blocks)
-        return new_blocks
+        return copied + new_blocks
 
     def cache_blocks(self, request: Request) -> None:
         """Register the sequence's full, computed blocks in the prefix cache (call after the
@@ -238,13 +238,15 @@ class KVCacheManager:
             return i
         return None
 
-    def _copy_on_write(self, table: list[int], i: int) -> None:
+    def _copy_on_write(self, table: list[int], i: int) -> int:
+        """Give the table a private copy of its shared block ``i``; returns the copy."""
         (dst,) = self.pool.allocate(1)
         src = table[i]
         self._copies.append((src, dst))
         table[i] = dst
         self.pool.free([src])
         log.debug("copy-on-write block %d -> %d", src, dst)
+        return dst
 
     def _record_lookup(self, request: Request, hits: ComputedBlocks) -> None:
         self._queried_tokens += request.num_tokens
