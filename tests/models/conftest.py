@@ -176,6 +176,8 @@ def write_gguf(
     qtype: QType = QType.F32,
     types: dict[str, QType] | None = None,
     arch: str = "llama",
+    add_bos: bool = False,
+    pre: str = "smollm",
     extra_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
 ) -> Path:
     """Write a Llama GGUF with the tiny tokenizer; 2-D tensors in ``qtype`` (or per-name
@@ -193,13 +195,13 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     tokens, token_types, merges = tiny_vocab()
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_merges(merges)
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHAT_TEMPLATE)
     if extra_metadata is not None:
         extra_metadata(writer)
