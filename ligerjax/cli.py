@@ -12,6 +12,7 @@ from collections.abc import Sequence
 # one fixed-format result line (`bench=NAME key=value ...`).
 BENCHMARKS: dict[str, str] = {
     "generate": "ligerjax.bench.generate",
+    "memory": "ligerjax.bench.memory",
 }
 
 
