@@ -22,6 +22,9 @@ from ligerjax.engine.sampler import SamplerOutput, SamplingRow, make_batch, samp
 
 log = logging.getLogger(__name__)
 
+# Shortest cache compiled: short requests of any length share one decode program.
+MIN_CACHE_LEN = 256
+
 MakeCache = Callable[[int, int], Any]  # (batch, max_len) -> cache pytree with .attend(...)
 
 
@@ -78,7 +81,9 @@ class StaticBatchRunner:
         max_new = max(r.params.max_tokens or self.max_model_len for r in rows)
         B = bucket(len(rows))
         T = bucket(max(lens), minimum=16)
-        S = bucket(max(lens) + max_new, minimum=T, maximum=max(self.max_model_len, T))
+        S = bucket(
+            max(lens) + max_new, minimum=max(T, MIN_CACHE_LEN), maximum=max(self.max_model_len, T)
+        )
         tokens_bt = np.zeros((B, T), np.int32)
         positions_bt = np.full((B, T), S, np.int32)  # position >= S: padding, never written
         for i, r in enumerate(rows):
