@@ -13,8 +13,10 @@ they stay shared for the life of the sequences.
 from __future__ import annotations
 
 import enum
+import operator
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from ligerjax.outputs import FinishReason
 from ligerjax.sampling_params import SamplingParams
@@ -50,6 +52,14 @@ _FINISH_REASONS: dict[RequestStatus, FinishReason] = {
 }
 
 
+def _is_token_id(t: Any) -> bool:
+    """An int-like (Python or numpy integer, not bool) >= 0."""
+    try:
+        return not isinstance(t, bool) and operator.index(t) >= 0
+    except TypeError:
+        return False
+
+
 def fork_id(parent_id: str, index: int) -> str:
     """The id of sample ``index`` of request ``parent_id`` (index 0 keeps the user's id)."""
     return parent_id if index == 0 else f"{parent_id}#{index}"
@@ -80,15 +90,15 @@ class Request:
             raise ValueError(f"request_id={request_id!r}: must be a non-empty string")
         if len(prompt_token_ids) == 0:
             raise ValueError(f"request {request_id!r}: prompt_token_ids=[] is empty")
-        if any(not isinstance(t, int) or t < 0 for t in prompt_token_ids):
-            bad = next(t for t in prompt_token_ids if not isinstance(t, int) or t < 0)
+        bad = next((t for t in prompt_token_ids if not _is_token_id(t)), None)
+        if bad is not None:
             raise ValueError(f"request {request_id!r}: prompt token id {bad!r} is not an int >= 0")
         if not isinstance(sampling_params, SamplingParams):
             raise ValueError(f"request {request_id!r}: sampling_params={sampling_params!r}")
         if not isinstance(priority, int):
             raise ValueError(f"request {request_id!r}: priority={priority!r} must be an int")
         self.request_id = request_id
-        self.prompt_token_ids: tuple[int, ...] = tuple(prompt_token_ids)
+        self.prompt_token_ids: tuple[int, ...] = tuple(operator.index(t) for t in prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
@@ -134,6 +144,13 @@ class Request:
         if start >= p:
             return tuple(self.output_token_ids[start - p : stop - p])
         return self.prompt_token_ids[start:] + tuple(self.output_token_ids[: stop - p])
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """Sum of the sampled tokens' logprobs (ranks ``best_of`` samples), if returned."""
+        if len(self.output_logprobs) != len(self.output_token_ids):
+            return None
+        return float(sum(self.output_logprobs))
 
     @property
     def num_samples(self) -> int:

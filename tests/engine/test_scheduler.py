@@ -454,3 +454,41 @@ def test_a_missing_sample_is_refused():
 def test_config_validation_names_the_bad_value(overrides, message):
     with pytest.raises(ValueError, match=message):
         make(**overrides)
+
+
+def test_numpy_token_ids_are_accepted_as_ints():
+    import numpy as np
+
+    r = Request("a", np.arange(3, 7), SamplingParams())
+    assert r.prompt_token_ids == (3, 4, 5, 6) and type(r.prompt_token_ids[0]) is int
+    with pytest.raises(ValueError, match="prompt token id True"):
+        Request("b", [1, True], SamplingParams())
+    with pytest.raises(ValueError, match=r"prompt token id 1\.5"):
+        Request("c", [1, 1.5], SamplingParams())
+
+
+def test_logprobs_from_the_runner_are_kept_and_summed():
+    s = make()
+    a = req("a", 3, 0.0, max_tokens=2)
+    s.add_request(a)
+    for logprob in (-0.5, -1.25):
+        out = s.schedule()
+        s.update_from_output(out, ModelRunnerOutput({"a": 5}, {"a": logprob}, {"a": {5: logprob}}))
+    assert a.output_logprobs == [-0.5, -1.25] and a.top_logprobs == [{5: -0.5}, {5: -1.25}]
+    assert a.cumulative_logprob == -1.75
+    assert req("b", 3, 0.0).cumulative_logprob == 0.0
+    b = req("b", 3, 0.0)
+    b.append_output(5)
+    assert b.cumulative_logprob is None
+
+
+def test_the_policy_modules_import_no_jax():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ligerjax.engine.scheduler, ligerjax.engine.kv_cache_manager;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
