@@ -141,7 +141,7 @@ class _CheckedReader(gguf.GGUFReader):
 
 def gguf_config(reader: gguf.GGUFReader, *, name: str = "llama") -> LlamaConfig:
     """The :class:`LlamaConfig` a GGUF file's metadata describes (assumes tied embeddings)."""
-    meta = _Metadata(reader)
+    meta = GGUFMetadata(reader)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnknownArchitectureError(
@@ -173,7 +173,7 @@ def gguf_config(reader: gguf.GGUFReader, *, name: str = "llama") -> LlamaConfig:
     )
 
 
-class _Metadata:
+class GGUFMetadata:
     """Typed access to a GGUF file's key/value metadata."""
 
     def __init__(self, reader: gguf.GGUFReader):
@@ -186,6 +186,13 @@ class _Metadata:
         field = self.reader.get_field(key)
         return default if field is None else field.contents()
 
+    def require(self, key: str) -> Any:
+        """The value of ``key``; a ``MissingMetadataError`` naming it when absent."""
+        value = self.get(key)
+        if value is None:
+            raise MissingMetadataError(f"GGUF metadata key {key!r} is missing")
+        return value
+
     def require_int(self, key: str, *, default: int | None = None) -> int:
         value = self.get(key, default)
         if value is None:
@@ -195,7 +202,7 @@ class _Metadata:
         return int(value)
 
 
-def _check_head_dims(meta: _Metadata, arch: str, head_dim: int) -> None:
+def _check_head_dims(meta: GGUFMetadata, arch: str, head_dim: int) -> None:
     value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
     rope_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
     if value_dim != head_dim:
@@ -209,7 +216,7 @@ def _check_head_dims(meta: _Metadata, arch: str, head_dim: int) -> None:
         )
 
 
-def _rope_scaling(meta: _Metadata, arch: str) -> RopeScaling | None:
+def _rope_scaling(meta: GGUFMetadata, arch: str) -> RopeScaling | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear"))
     if kind in (None, "none") and factor in (None, 1.0):
@@ -219,7 +226,7 @@ def _rope_scaling(meta: _Metadata, arch: str) -> RopeScaling | None:
     raise CheckpointError(f"{arch}.rope.scaling.type={kind!r}: only 'linear' is supported")
 
 
-def _eos_ids(meta: _Metadata) -> tuple[int, ...]:
+def _eos_ids(meta: GGUFMetadata) -> tuple[int, ...]:
     keys = ("eos_token_id", "eot_token_id", "eom_token_id")
     ids = [meta.get(f"tokenizer.ggml.{k}") for k in keys]
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
@@ -233,7 +240,7 @@ def _llama3_from_rope_freqs(
 
     divisors = np.asarray(tensor.data, np.float32).reshape(-1)
     base = np.asarray(rope_inv_freq(config.head_dim, config.rope_theta, None))
-    original = _Metadata(reader).get("llama.rope.scaling.original_context_length", 8192)
+    original = GGUFMetadata(reader).get("llama.rope.scaling.original_context_length", 8192)
     for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
         scaling = RopeScaling("llama3", float(divisors.max()), low, high, int(original))
         scaled = np.asarray(rope_inv_freq(config.head_dim, config.rope_theta, scaling))

@@ -21,7 +21,10 @@ import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, processors
+from tokenizers import decoders, pre_tokenizers, processors
+from tokenizers import models as token_models
+
+from models.gguf_checkpoint import GGUFMetadata, open_gguf
 
 # GGUF token types (llama.cpp's ``llama_token_type``).
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
@@ -99,8 +102,8 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, source: str | os.PathLike[str] | gguf.GGUFReader) -> Tokenizer:
         """The tokenizer in a GGUF file's metadata (``tokenizer.ggml.model`` must be gpt2)."""
-        reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(source)
-        meta = _GGUFMeta(reader)
+        reader = source if isinstance(source, gguf.GGUFReader) else open_gguf(source)
+        meta = GGUFMetadata(reader)
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(
@@ -235,7 +238,7 @@ def byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], pre: str) -> to
         )
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [_merge_pair(m) for m in merges]
-    model = models.BPE(vocab, pairs, ignore_merges=pre in IGNORE_MERGES)
+    model = token_models.BPE(vocab, pairs, ignore_merges=pre in IGNORE_MERGES)
     backend = tokenizers.Tokenizer(model)
     splits = [
         pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated")
@@ -277,21 +280,6 @@ def _template_processing(
     )
 
 
-class _GGUFMeta:
-    def __init__(self, reader: gguf.GGUFReader):
-        self.reader = reader
-
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self.reader.get_field(key)
-        return default if field is None else field.contents()
-
-    def require(self, key: str) -> Any:
-        value = self.get(key)
-        if value is None:
-            raise ValueError(f"GGUF metadata key {key!r} is missing: cannot build the tokenizer")
-        return value
-
-
 def _token_id(backend: tokenizers.Tokenizer, token: str | Mapping[str, Any] | None) -> int | None:
     if isinstance(token, Mapping):
         token = token.get("content")
@@ -314,7 +302,7 @@ def _config_template(config: Mapping[str, Any], directory: Path) -> str | None:
 class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}...{% endgeneration %}`` (marks assistant text); renders its body."""
 
-    tags = frozenset({"generation"})
+    tags = {"generation"}  # noqa: RUF012 (jinja2 declares it a class-level set)
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno

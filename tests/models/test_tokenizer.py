@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tokenizers import pre_tokenizers
 
 from models.gguf_checkpoint import read_gguf
-from models.tokenizer import ChatTemplateError, Tokenizer
+from models.tokenizer import ChatTemplateError, Tokenizer, byte_level_bpe
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -225,3 +225,29 @@ def test_template_cannot_reach_python_internals():
     tok = _tiny("{{ messages.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(jinja2.exceptions.SecurityError, match="unsafe"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.fixture(scope="module")
+def transformers_splits() -> dict[str, pre_tokenizers.PreTokenizer]:
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    return {
+        pre: pre_tokenizers.Split(tokenizers.Regex(GGUF_PRE_TOKENIZER_SPLITS[pre]), "isolated")
+        for pre in ("llama-bpe", "qwen2")
+    }
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.sampled_from(["llama-bpe", "qwen2"]), st.text(st.characters(codec="utf-8"), max_size=60))
+def test_llama3_and_qwen2_splits_equal_transformers(transformers_splits, pre, text):
+    ours = byte_level_bpe(["a"], [], pre).pre_tokenizer.pre_tokenize_str(text)
+    theirs = transformers_splits[pre].pre_tokenize_str(text)
+    assert [p for p, _ in ours] == [byte_level_spelling(p) for p, _ in theirs]
+
+
+def byte_level_spelling(piece: str) -> str:
+    """GPT-2's byte-to-character spelling of ``piece``."""
+    level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    return "".join(p for p, _ in level.pre_tokenize_str(piece))
