@@ -31,23 +31,26 @@ class SamplingFlags:
     logprobs: int  # top logprobs to return (0: only the sampled token's)
 
 
+Rows = jax.Array | np.ndarray  # built as numpy on the host, jax.Array inside `sample`
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class SamplingBatch:
     """Per-row sampling parameters as arrays; padding ids equal V (dropped by scatters)."""
 
-    temperature_b: jax.Array  # [B] f32, 0 = greedy
-    top_k_b: jax.Array  # [B] int32, 0 = off
-    top_p_b: jax.Array  # [B] f32
-    min_p_b: jax.Array  # [B] f32
-    repetition_penalty_b: jax.Array  # [B] f32
-    presence_penalty_b: jax.Array  # [B] f32
-    frequency_penalty_b: jax.Array  # [B] f32
-    seed_b: jax.Array  # [B] uint32
-    step_b: jax.Array  # [B] int32, tokens generated so far (the key's counter)
-    prompt_ids_bl: jax.Array  # [B, Lp] int32, padded with V
-    output_ids_bl: jax.Array  # [B, Lo] int32, padded with V
-    suppress_ids_bm: jax.Array  # [B, M] int32, tokens banned this step (min_tokens), padded with V
+    temperature_b: Rows  # [B] f32, 0 = greedy
+    top_k_b: Rows  # [B] int32, 0 = off
+    top_p_b: Rows  # [B] f32
+    min_p_b: Rows  # [B] f32
+    repetition_penalty_b: Rows  # [B] f32
+    presence_penalty_b: Rows  # [B] f32
+    frequency_penalty_b: Rows  # [B] f32
+    seed_b: Rows  # [B] uint32
+    step_b: Rows  # [B] int32, tokens generated so far (the key's counter)
+    prompt_ids_bl: Rows  # [B, Lp] int32, padded with V
+    output_ids_bl: Rows  # [B, Lo] int32, padded with V
+    suppress_ids_bm: Rows  # [B, M] int32, tokens banned this step (min_tokens), padded with V
 
 
 def _pad_rows(rows: Sequence[Sequence[int]], pad: int, min_width: int = 1) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,17 @@ log = logging.getLogger(__name__)
 
 # Shortest cache compiled: short requests of any length share one decode program.
 MIN_CACHE_LEN = 256
+
+
+class CausalLM(Protocol):
+    """What the runner needs of a model (``models.Llama`` has it)."""
+
+    def hidden_states(
+        self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: Any
+    ) -> tuple[jax.Array, Any]: ...
+
+    def logits(self, h_bte: jax.Array) -> jax.Array: ...
+
 
 MakeCache = Callable[[int, int], Any]  # (batch, max_len) -> cache pytree with .attend(...)
 
@@ -57,13 +68,13 @@ class StaticBatchRunner:
         self._decode = jax.jit(self._decode_fn, donate_argnums=(3,))
 
     def _prefill_fn(self, state, tokens_bt, positions_bt, last_b, cache):
-        model = nnx.merge(self.graphdef, state)
+        model = cast(CausalLM, nnx.merge(self.graphdef, state))
         h_bte, cache = model.hidden_states(tokens_bt, positions_bt, cache)
         h_be = jnp.take_along_axis(h_bte, last_b[:, None, None], axis=1)[:, 0]
         return model.logits(h_be), cache
 
     def _decode_fn(self, state, tokens_b, positions_b, cache):
-        model = nnx.merge(self.graphdef, state)
+        model = cast(CausalLM, nnx.merge(self.graphdef, state))
         h_bte, cache = model.hidden_states(tokens_b[:, None], positions_b[:, None], cache)
         return model.logits(h_bte[:, 0]), cache
 
