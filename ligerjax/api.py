@@ -3,48 +3,39 @@ imports ``models`` (and, for ``ligerize``, ``passes``)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 import models
-from ligerjax.engine.detokenizer import IncrementalDetokenizer
-from ligerjax.engine.sampler import SamplingRow
-from ligerjax.engine.static_runner import StaticBatchRunner
-from ligerjax.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ligerjax.engine.kv_cache_storage import KVCacheSpec
+from ligerjax.engine.llm_engine import EngineStats, LLMEngine
+from ligerjax.engine.scheduler import PreemptionMode, SchedulerConfig
+from ligerjax.outputs import RequestOutput
 from ligerjax.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 PromptLike = str | Sequence[int]
 
-
-@dataclass
-class _Sequence:
-    """Host-side state of one sampled sequence (one of a request's ``n``)."""
-
-    request_index: int
-    index: int
-    row: SamplingRow
-    detok: IncrementalDetokenizer
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
+# KV memory when none is given: enough for every sequence at full length, at most this.
+DEFAULT_KV_CACHE_MEMORY = 1 << 30
 
 
 class LLM:
-    """Generate text with a model, offline, in batches.
+    """Generate text with a model, offline, with continuous batching over a paged KV cache.
 
     >>> llm = LLM(model="smollm2-135m")
     >>> params = SamplingParams(temperature=0.0, max_tokens=8)
     >>> llm.generate(["The capital of France is"], params)[0].outputs[0].text
+
+    ``kv_cache_memory`` (bytes) sizes the device KV pages (default: room for
+    ``max_num_seqs`` sequences of ``max_model_len`` tokens, at most 1 GiB); ``swap_space``
+    (bytes) sizes the host buffer that ``preemption_mode="swap"`` moves blocks to.
+    ``max_num_batched_tokens`` is the token budget of one step (chunked prefill).
     """
 
     def __init__(
@@ -53,11 +44,30 @@ class LLM:
         *,
         dtype: str = "float32",
         max_model_len: int | None = None,
-        max_num_seqs: int = 16,
+        max_num_seqs: int = 64,
         seed: int = 0,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 512,
+        kv_cache_memory: int | None = None,
+        kv_cache_dtype: str | None = None,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        preemption_mode: PreemptionMode = "recompute",
+        swap_space: int = 0,
     ):
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs={max_num_seqs}: must be >= 1")
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("block_size", block_size),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an int >= 1")
+        if kv_cache_memory is not None and kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory={kv_cache_memory!r}: must be > 0 bytes")
+        if swap_space < 0:
+            raise ValueError(f"swap_space={swap_space!r}: must be >= 0 bytes")
+        if preemption_mode == "swap" and swap_space == 0:
+            raise ValueError("swap_space=0: preemption_mode='swap' needs host swap space")
         self.model, self.tokenizer, self.config = models.load(model, dtype=dtype)
         limit = self.config.max_position_embeddings
         if max_model_len is not None and not 0 < max_model_len <= limit:
@@ -66,19 +76,47 @@ class LLM:
             )
         self.max_model_len = max_model_len or min(limit, 2048)
         self.max_num_seqs = max_num_seqs
-        self._rng = np.random.default_rng(seed)
         cfg = self.config
-        self._runner = StaticBatchRunner(
-            self.model,
-            lambda b, s: models.DenseKVCache.zeros(
-                cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
-            ),
+        spec = KVCacheSpec(
+            cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, kv_cache_dtype or cfg.dtype
+        )
+        if kv_cache_memory is None:
+            full = max_num_seqs * -(-self.max_model_len // block_size) * spec.bytes_per_block
+            kv_cache_memory = min(DEFAULT_KV_CACHE_MEMORY, full + spec.bytes_per_block)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=self.max_model_len,
-            vocab_size=cfg.vocab_size,
+            block_size=block_size,
+            num_blocks=spec.num_blocks_for_budget(kv_cache_memory),
+            num_host_blocks=swap_space // spec.bytes_per_block,
+            preemption_mode=preemption_mode,
+            enable_chunked_prefill=enable_chunked_prefill,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        self.llm_engine = LLMEngine(
+            self.model,
+            cfg,
+            scheduler_config,
+            tokenizer=self.tokenizer,
+            kv_dtype=spec.dtype,
+            seed=seed,
+        )
+        self._request_counter = itertools.count()
+        log.info(
+            "LLM %s: %d KV blocks of %d tokens (%.0f MiB)",
+            model,
+            scheduler_config.num_blocks,
+            block_size,
+            scheduler_config.num_blocks * spec.bytes_per_block / 2**20,
         )
 
     def get_tokenizer(self) -> models.Tokenizer:
         return self.tokenizer
+
+    def stats(self) -> EngineStats:
+        """KV blocks (total, free), preemptions, prefix-cache hit rate, queues, steps."""
+        return self.llm_engine.stats()
 
     def generate(
         self,
@@ -87,21 +125,16 @@ class LLM:
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Complete each prompt (text, or a list of token ids); outputs keep the input order."""
+        """Complete each prompt (text, or a list of token ids); outputs keep the input order.
+
+        Every prompt is checked before any runs: a bad one raises ``ValueError`` naming it.
+        """
         prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompts))
-        requests = [
-            self._make_request(i, p, sp)
-            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
-        ]
-        seqs = [s for _, _, seq_list in requests for s in seq_list]
-        bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not use_tqdm)
-        for start in range(0, len(seqs), self.max_num_seqs):
-            self._run_batch(seqs[start : start + self.max_num_seqs])
-            done = {s.request_index for s in seqs[: start + self.max_num_seqs]}
-            bar.update(len(done) - bar.n)
-        bar.close()
-        return [self._request_output(*r) for r in requests]
+        for i, p in enumerate(prompts):
+            self.llm_engine.encode_prompt(p, name=f"prompt {i}")
+        ids = self._add_requests(prompts, params)
+        return self._run(ids, use_tqdm)
 
     def chat(
         self,
@@ -130,94 +163,31 @@ class LLM:
             raise ValueError(f"sampling_params: got {len(sp)} for {n} prompts")
         return sp
 
-    def _make_request(self, index: int, prompt: PromptLike, sp: SamplingParams):
-        text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise ValueError(f"prompt {index} is empty: {prompt!r}")
-        if bad := [t for t in ids if not 0 <= t < self.config.vocab_size]:
-            raise ValueError(
-                f"prompt {index}: token ids {bad[:5]} outside [0, {self.config.vocab_size})"
-            )
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt {index} has {len(ids)} tokens: no room left under "
-                f"max_model_len={self.max_model_len}"
-            )
-        stop_ids = () if sp.ignore_eos else self.tokenizer.eos_token_ids
-        suppress = tuple(sorted(set(stop_ids) | set(sp.stop_token_ids)))
-        base_seed = sp.seed if sp.seed is not None else int(self._rng.integers(2**31))
+    def _add_requests(self, prompts: list[PromptLike], params: list[SamplingParams]) -> list[str]:
+        """Queue every prompt, or none: a request the engine refuses aborts the others."""
+        ids: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params, strict=True):
+                request_id = str(next(self._request_counter))
+                self.llm_engine.add_request(request_id, prompt, sp)
+                ids.append(request_id)
+        except ValueError:
+            for request_id in ids:
+                self.llm_engine.abort_request(request_id)
+            raise
+        return ids
 
-        def decode(token_ids: Sequence[int]) -> str:
-            return self.tokenizer.decode(token_ids, skip_special_tokens=sp.skip_special_tokens)
-
-        seqs = [
-            _Sequence(
-                index,
-                j,
-                SamplingRow(sp, base_seed + j, ids, (), suppress),
-                IncrementalDetokenizer(decode, sp.stop, sp.include_stop_str_in_output),
-            )
-            for j in range(sp.n)
-        ]
-        metrics = RequestMetrics(arrival_time=time.monotonic())
-        return (text, ids, metrics), sp, seqs
-
-    def _run_batch(self, seqs: list[_Sequence]) -> None:
-        def is_finished(i: int, token: int) -> bool:
-            return self._append_token(seqs[i], token)
-
-        for step in self._runner.run([s.row for s in seqs], is_finished):
-            for i in step.token_ids:
-                seqs[i].cumulative_logprob += step.logprobs[i]
-                if seqs[i].row.params.logprobs is not None:
-                    seqs[i].logprobs.append(step.top_logprobs[i])
-        for s in seqs:
-            s.detok.flush()
-            if s.finish_reason is None:  # the cache filled up
-                s.finish_reason = "length"
-
-    def _append_token(self, seq: _Sequence, token: int) -> bool:
-        sp = seq.row.params
-        seq.token_ids.append(token)
-        seq.detok.add_tokens([token])
-        n = len(seq.token_ids)
-        if n >= sp.min_tokens:
-            if token in sp.stop_token_ids or (
-                not sp.ignore_eos and token in self.tokenizer.eos_token_ids
-            ):
-                seq.finish_reason, seq.stop_reason = "stop", token
-            elif seq.detok.stop_reason is not None:
-                seq.finish_reason, seq.stop_reason = "stop", seq.detok.stop_reason
-        if seq.finish_reason is None and sp.max_tokens is not None and n >= sp.max_tokens:
-            seq.finish_reason = "length"
-        if seq.finish_reason is None and len(seq.row.prompt_ids) + n >= self.max_model_len:
-            seq.finish_reason = "length"
-        return seq.finish_reason is not None
-
-    def _request_output(self, head, sp: SamplingParams, seqs: list[_Sequence]) -> RequestOutput:
-        (text, ids, metrics) = head
-        metrics.finished_time = time.monotonic()
-        outputs = [
-            CompletionOutput(
-                index=s.index,
-                text=s.detok.text,
-                token_ids=s.token_ids,
-                cumulative_logprob=s.cumulative_logprob,
-                logprobs=s.logprobs if sp.logprobs is not None else None,
-                finish_reason=s.finish_reason,  # type: ignore[arg-type]
-                stop_reason=s.stop_reason,
-            )
-            for s in seqs
-        ]
-        return RequestOutput(
-            request_id=str(seqs[0].request_index),
-            prompt=text,
-            prompt_token_ids=list(ids),
-            outputs=outputs,
-            finished=True,
-            metrics=metrics,
-        )
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        wanted = set(request_ids)
+        done: dict[str, RequestOutput] = {}
+        engine = self.llm_engine
+        with tqdm(total=len(request_ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while len(done) < len(request_ids) and engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished and output.request_id in wanted:
+                        done[output.request_id] = output
+                        bar.update(1)
+        return [done[i] for i in request_ids]
 
 
 def _is_single_prompt(prompts) -> bool:

@@ -54,3 +54,67 @@ def ligerjax_attention(q, k, v, q_positions, kv_lengths, *, causal, sm_scale):
 
 
 _attention_call = ligerjax_attention
+
+
+RAGGED_PAGED_ATTENTION_NAME = "ligerjax_ragged_paged_attention"
+
+
+def ragged_paged_attention(
+    q: jax.Array,  # [T, H, D]
+    k_pages: jax.Array,  # [N, P, K, D]
+    v_pages: jax.Array,  # [N, P, K, D]
+    block_tables: jax.Array,  # [B, M] int32
+    context_lens: jax.Array,  # [B] int32
+    cu_q_lens: jax.Array,  # [B + 1] int32
+    *,
+    sm_scale: float | None = None,
+) -> jax.Array:  # [T, H, D]
+    """Attention of a mixed batch of packed new tokens against a paged KV cache.
+
+    Sequence ``b``'s queries are ``q[cu_q_lens[b]:cu_q_lens[b+1]]``, its last tokens: with
+    ``n`` of them, query ``i`` sits at position ``context_lens[b] - n + i`` and sees the keys
+    at positions ``<=`` its own, key ``p`` being slot ``p % P`` of block
+    ``block_tables[b, p // P]``. The new tokens' K/V must already be in the pages. Tokens
+    past ``cu_q_lens[B]`` are padding and give 0; so do sequences with no queries.
+    """
+    _, H, D = q.shape
+    K = k_pages.shape[2]
+    if k_pages.shape != v_pages.shape or k_pages.shape[3] != D:
+        raise ValueError(
+            f"ragged_paged_attention: pages k {k_pages.shape} / v {v_pages.shape} do not fit "
+            f"q {q.shape}"
+        )
+    if H % K:
+        raise ValueError(f"ragged_paged_attention: H={H} not a multiple of kv heads K={K}")
+    B = block_tables.shape[0]
+    if context_lens.shape != (B,) or cu_q_lens.shape != (B + 1,):
+        raise ValueError(
+            f"ragged_paged_attention: block_tables {block_tables.shape}, context_lens "
+            f"{context_lens.shape} and cu_q_lens {cu_q_lens.shape} disagree on B={B}"
+        )
+    scale = float(sm_scale) if sm_scale is not None else D**-0.5
+    return _ragged_paged_attention_call(
+        q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, sm_scale=scale
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def ligerjax_ragged_paged_attention(
+    q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, *, sm_scale
+):
+    """The traced paged-attention call: a ``pjit`` equation named after this function."""
+    impl = _ragged_paged_attention_impl()
+    return impl(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, sm_scale=sm_scale)
+
+
+def _ragged_paged_attention_impl():
+    """The kernels' entry point for this backend, or the engine's pure-JAX version."""
+    from ligerjax.kernels import dispatch
+
+    impl = getattr(dispatch, "ragged_paged_attention", None)
+    if impl is None:  # the kernels package has no ragged paged attention yet
+        from ligerjax.engine.paged_kv_cache import ragged_paged_attention_fallback as impl
+    return impl
+
+
+_ragged_paged_attention_call = ligerjax_ragged_paged_attention

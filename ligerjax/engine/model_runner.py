@@ -1,0 +1,285 @@
+"""The model runner: one ``SchedulerOutput`` in, one device step, sampled tokens out.
+
+``execute`` follows the step protocol of :mod:`ligerjax.engine.scheduler_output`: swap-outs,
+copy-on-write copies and swap-ins first, then one jitted program,
+``logits, kv_pages = step(weights, kv_pages, batch)``, over the scheduled sequences' new
+tokens packed into one row, then the sampler. The packed row is padded to a token bucket
+(powers of two from ``min_tokens`` up to ``max_num_batched_tokens``), and every other shape
+follows from that bucket (sequence rows: ``min(T, max_num_seqs)`` rounded up; block tables:
+``max_model_len / block_size`` wide), so a handful of programs serve every step and a
+steady decode never recompiles. Weights are jit arguments, the pages are donated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ligerjax.engine import kv_cache_storage as storage
+from ligerjax.engine.kv_cache_storage import HostKVBuffer, KVCacheSpec, KVPages
+from ligerjax.engine.paged_kv_cache import PagedKVCache
+from ligerjax.engine.sampler import SamplerOutput, SamplingRow, make_batch, sample
+from ligerjax.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from ligerjax.engine.static_runner import CausalLM
+
+log = logging.getLogger(__name__)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class ModelRunnerConfig:
+    """Shapes of the runner's programs and of its KV storage."""
+
+    num_blocks: int  # device blocks, the null block included
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    num_host_blocks: int = 0
+    min_tokens: int = 16  # smallest token bucket
+    kv_dtype: str | None = None  # default: the model's dtype
+
+    def __post_init__(self) -> None:
+        for name, minimum in (
+            ("num_blocks", 2),
+            ("block_size", 1),
+            ("max_num_seqs", 1),
+            ("max_num_batched_tokens", 1),
+            ("max_model_len", 1),
+            ("num_host_blocks", 0),
+            ("min_tokens", 1),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"ModelRunnerConfig.{name}={value!r}: must be an int >= {minimum}")
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    def token_buckets(self) -> tuple[int, ...]:
+        """Padded token counts a step can have, smallest first."""
+        top = _pow2(self.max_num_batched_tokens)
+        buckets, b = [], min(_pow2(self.min_tokens), top)
+        while b < top:
+            buckets.append(b)
+            b *= 2
+        return (*buckets, top)
+
+    def seq_bucket(self, num_tokens_padded: int) -> int:
+        """Sequence rows of a step padded to ``num_tokens_padded`` tokens (a sequence has
+        at least one token, so ``T`` rows always suffice)."""
+        return min(num_tokens_padded, _pow2(self.max_num_seqs))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepBatch:
+    """Device inputs of one step (built as numpy on the host)."""
+
+    token_ids_t: Any  # [T] int32
+    positions_t: Any  # [T] int32
+    slot_mapping_t: Any  # [T] int32, N * P for padding
+    block_tables_bm: Any  # [B, M] int32
+    context_lens_b: Any  # [B] int32
+    cu_q_lens_b1: Any  # [B + 1] int32
+    logits_index_b: Any  # [B] int32, each sequence's last token in the packed row
+
+
+class ModelRunner:
+    """Runs a causal LM (``hidden_states``/``logits``, cache in and out) on scheduler steps."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        config: ModelRunnerConfig,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        vocab_size: int,
+        dtype: str = "float32",
+        eos_token_ids: Sequence[int] = (),
+    ) -> None:
+        self.config = config
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.spec = KVCacheSpec(
+            num_layers, config.block_size, num_kv_heads, head_dim, config.kv_dtype or dtype
+        )
+        self.graphdef, state = nnx.split(model)
+        self.weights = jax.tree.leaves(state)
+        self._treedef = jax.tree.structure(state)
+        self.kv_pages: KVPages = storage.allocate_kv_pages(self.spec, config.num_blocks)
+        self.host_kv = (
+            HostKVBuffer.allocate(self.spec, config.num_host_blocks)
+            if config.num_host_blocks
+            else None
+        )
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self.num_steps = 0
+
+    # -- the device program ------------------------------------------------------------------
+
+    def _step_fn(self, weights: list[jax.Array], kv_pages: KVPages, batch: StepBatch):
+        state = jax.tree.unflatten(self._treedef, weights)
+        model = cast(CausalLM, nnx.merge(self.graphdef, state))
+        cache = PagedKVCache(
+            kv_pages,
+            batch.slot_mapping_t,
+            batch.block_tables_bm,
+            batch.context_lens_b,
+            batch.cu_q_lens_b1,
+        )
+        h_1te, cache = model.hidden_states(batch.token_ids_t[None], batch.positions_t[None], cache)
+        logits_bv = model.logits(h_1te[0, batch.logits_index_b])
+        return logits_bv, cache.pages
+
+    def num_compiled_steps(self) -> int:
+        """Programs compiled for the step so far (one per token bucket used)."""
+        return int(self._step._cache_size())  # type: ignore[attr-defined]
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Apply the step's block moves, compute its tokens' K/V and sample (see module doc)."""
+        self._move_blocks(out)
+        if not out.scheduled:
+            return ModelRunnerOutput({})
+        batch = self.build_batch(out.scheduled)
+        logits_bv, self.kv_pages = self._step(self.weights, self.kv_pages, batch)
+        self.num_steps += 1
+        return self._sample(logits_bv, out.scheduled)
+
+    def warm_up(self, buckets: Sequence[int] | None = None) -> None:
+        """Compile the step for ``buckets`` (default: every token bucket) on dummy inputs."""
+        for T in buckets or self.config.token_buckets():
+            batch = self._empty_batch(T)
+            logits_bv, self.kv_pages = self._step(self.weights, self.kv_pages, batch)
+            jax.block_until_ready(logits_bv)
+
+    def _move_blocks(self, out: SchedulerOutput) -> None:
+        if out.swap_out or out.swap_in:
+            if self.host_kv is None:
+                raise ValueError("scheduler swapped blocks but num_host_blocks=0")
+            storage.swap_out(self.kv_pages, self.host_kv, out.swap_out)
+        if out.copies:
+            self.kv_pages = storage.copy_blocks(self.kv_pages, out.copies)
+        if out.swap_in:
+            assert self.host_kv is not None
+            self.kv_pages = storage.swap_in(self.kv_pages, self.host_kv, out.swap_in)
+
+    # -- host-side inputs --------------------------------------------------------------------
+
+    def _bucket(self, num_tokens: int) -> int:
+        for b in self.config.token_buckets():
+            if b >= num_tokens:
+                return b
+        raise ValueError(
+            f"step has {num_tokens} tokens: more than max_num_batched_tokens="
+            f"{self.config.max_num_batched_tokens}"
+        )
+
+    def _empty_batch(self, T: int) -> StepBatch:
+        cfg = self.config
+        B, M = cfg.seq_bucket(T), cfg.max_blocks_per_seq
+        pad_slot = cfg.num_blocks * cfg.block_size
+        return StepBatch(
+            token_ids_t=np.zeros(T, np.int32),
+            positions_t=np.zeros(T, np.int32),
+            slot_mapping_t=np.full(T, pad_slot, np.int32),
+            block_tables_bm=np.zeros((B, M), np.int32),
+            context_lens_b=np.zeros(B, np.int32),
+            cu_q_lens_b1=np.zeros(B + 1, np.int32),
+            logits_index_b=np.zeros(B, np.int32),
+        )
+
+    def build_batch(self, scheduled: Sequence[ScheduledRequest]) -> StepBatch:
+        """Pack the scheduled sequences' new tokens into one padded row with its metadata."""
+        cfg = self.config
+        P = cfg.block_size
+        q_lens = np.fromiter((s.num_new_tokens for s in scheduled), np.int32, len(scheduled))
+        starts = np.fromiter((s.num_computed_tokens for s in scheduled), np.int32, len(scheduled))
+        n_real = int(q_lens.sum())
+        batch = self._empty_batch(self._bucket(n_real))
+        n_seqs = len(scheduled)
+        batch.token_ids_t[:n_real] = np.fromiter(
+            (t for s in scheduled for t in s.token_ids), np.int32, n_real
+        )
+        for i, s in enumerate(scheduled):
+            batch.block_tables_bm[i, : len(s.block_table)] = s.block_table
+        cu = batch.cu_q_lens_b1
+        cu[1 : n_seqs + 1] = np.cumsum(q_lens)
+        cu[n_seqs + 1 :] = n_real
+        seq_t = np.repeat(np.arange(n_seqs), q_lens)
+        pos_t = np.arange(n_real, dtype=np.int32) - cu[seq_t] + starts[seq_t]
+        batch.positions_t[:n_real] = pos_t
+        blocks_t = batch.block_tables_bm[seq_t, pos_t // P]
+        batch.slot_mapping_t[:n_real] = blocks_t * P + pos_t % P
+        batch.context_lens_b[:n_seqs] = starts + q_lens
+        batch.logits_index_b[:n_seqs] = cu[1 : n_seqs + 1] - 1
+        return batch
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def _sample(
+        self, logits_bv: jax.Array, scheduled: Sequence[ScheduledRequest]
+    ) -> ModelRunnerOutput:
+        rows: list[SamplingRow] = []
+        src: list[int] = []
+        ids: list[str] = []
+        for i, s in enumerate(scheduled):
+            for index, sid in enumerate(s.sample_ids):
+                rows.append(self._sampling_row(s, index if len(s.sample_ids) > 1 else s.index))
+                src.append(i)
+                ids.append(sid)
+        if not rows:
+            return ModelRunnerOutput({})
+        R = _pow2(len(rows))
+        batch, flags = make_batch(rows, self.vocab_size, R)
+        src_r = np.zeros(R, np.int32)
+        src_r[: len(src)] = src
+        picked_rv = logits_bv if _is_identity(src, R, logits_bv.shape[0]) else logits_bv[src_r]
+        result: SamplerOutput = jax.device_get(sample(picked_rv, batch, flags=flags))
+        n = len(ids)
+        tokens = result.token_b[:n].tolist()
+        logprobs = result.logprob_b[:n].tolist()
+        top: dict[str, dict[int, float]] = {}
+        for r, (sid, row) in enumerate(zip(ids, rows, strict=True)):
+            if row.params.logprobs is not None:
+                k = row.params.logprobs
+                top[sid] = dict(
+                    zip(
+                        result.top_ids_bk[r, :k].tolist(),
+                        result.top_logprobs_bk[r, :k].tolist(),
+                        strict=True,
+                    )
+                )
+                top[sid].setdefault(tokens[r], logprobs[r])
+        return ModelRunnerOutput(
+            dict(zip(ids, tokens, strict=True)), dict(zip(ids, logprobs, strict=True)), top
+        )
+
+    def _sampling_row(self, s: ScheduledRequest, index: int) -> SamplingRow:
+        sp = s.sampling_params
+        seed = (sp.seed or 0) + index
+        # A fork's samples all start from the parent's prompt: no outputs yet.
+        outputs = s.output_token_ids
+        suppress: tuple[int, ...] = ()
+        if len(outputs) < sp.min_tokens:
+            stop_ids = () if sp.ignore_eos else self.eos_token_ids
+            suppress = tuple(sorted(set(stop_ids) | set(sp.stop_token_ids)))
+        return SamplingRow(sp, seed, s.prompt_token_ids, outputs, suppress)
+
+
+def _is_identity(src: list[int], R: int, B: int) -> bool:
+    return R == B and src == list(range(len(src)))
