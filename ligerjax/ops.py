@@ -103,18 +103,9 @@ def ligerjax_ragged_paged_attention(
     q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, *, sm_scale
 ):
     """The traced paged-attention call: a ``pjit`` equation named after this function."""
-    impl = _ragged_paged_attention_impl()
-    return impl(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, sm_scale=sm_scale)
+    from ligerjax.kernels.dispatch import ragged_paged_attention as kernel
 
-
-def _ragged_paged_attention_impl():
-    """The kernels' entry point for this backend, or the engine's pure-JAX version."""
-    from ligerjax.kernels import dispatch
-
-    impl = getattr(dispatch, "ragged_paged_attention", None)
-    if impl is None:  # the kernels package has no ragged paged attention yet
-        from ligerjax.engine.paged_kv_cache import ragged_paged_attention_fallback as impl
-    return impl
+    return kernel(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, sm_scale=sm_scale)
 
 
 _ragged_paged_attention_call = ligerjax_ragged_paged_attention
