@@ -209,6 +209,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
 
+    def live_request_ids(self) -> list[str]:
+        """Ids of the user requests not finished yet, in arrival order."""
+        return list(self._groups)
+
     def stats(self) -> EngineStats:
         s = self.scheduler.stats
         pool = self.scheduler.block_pool
