@@ -11,6 +11,7 @@ from collections.abc import Sequence
 # Each benchmark module defines `add_arguments(parser)` and `run(args) -> int`, and prints
 # one fixed-format result line (`bench=NAME key=value ...`).
 BENCHMARKS: dict[str, str] = {
+    "attention": "ligerjax.bench.attention",
     "generate": "ligerjax.bench.generate",
     "memory": "ligerjax.bench.memory",
 }
