@@ -75,7 +75,7 @@ class FallbackBlockSizes:
 
     block_q: int
     block_k: int
-    decode_keys: int  # keys gathered per step of the paged fallbacks
+    decode_keys: int  # keys gathered per step of the paged decode fallback
 
 
 # Head dim -> flash tiles on the GPU (Triton). Head dims in between use the next entry up.
@@ -97,7 +97,7 @@ PAGED_ATTENTION: dict[int, PagedBlockSizes] = {
     256: PagedBlockSizes(block_k=32, rows=32, num_warps=8, num_stages=2, target_programs=264),
 }
 
-FALLBACK = FallbackBlockSizes(block_q=256, block_k=512, decode_keys=512)
+FALLBACK = FallbackBlockSizes(block_q=256, block_k=512, decode_keys=128)
 
 MAX_HEAD_DIM = max(FLASH_ATTENTION)
 

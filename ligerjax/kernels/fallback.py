@@ -209,6 +209,7 @@ def blockwise_ragged_paged_attention(
     *,
     sm_scale: float,
     block_q: int | None = None,
+    block_k: int | None = None,
     decode_keys: int | None = None,
 ) -> jax.Array:  # [T, H, D]
     """Packed queries of several sequences against their pages, causal by absolute position.
@@ -216,6 +217,10 @@ def blockwise_ragged_paged_attention(
     Query token ``t`` of sequence ``b`` (``cu_q_lens[b] <= t < cu_q_lens[b + 1]``) sits at
     position ``context_lens[b] - q_len[b] + (t - cu_q_lens[b])`` and sees that sequence's keys
     at positions up to its own. The new tokens' K/V must already be in the pages.
+
+    Query tiles hold about the mean number of new tokens per sequence (``T // B``, at most
+    ``block_q``), ``block_k`` keys per step; when that is 1 (decode batches) all tokens run
+    at once as :func:`blockwise_paged_attention`, each token with its sequence's table.
     """
     T, H, D = q.shape
     P, K = k_pages.shape[1], k_pages.shape[2]
@@ -223,9 +228,24 @@ def blockwise_ragged_paged_attention(
     G = H // K
     if T == 0 or B == 0 or M == 0:
         return jnp.zeros_like(q)
-    # Tiles sized to the mean tokens per sequence: decode batches get 1-token tiles.
+    # Tiles sized to the mean tokens per sequence; decode batches (1-token tiles) run as one
+    # batched decode over the tokens, each with its sequence's block table.
     bq = min(block_q or FALLBACK.block_q, next_power_of_two(max(1, T // B)))
-    c = max(1, min(M, (decode_keys or FALLBACK.decode_keys) // P))  # pages per key step
+    if bq == 1:
+        t_t = jnp.arange(T, dtype=jnp.int32)
+        seq_t = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], t_t, side="right"), B - 1)
+        pos_t = context_lens[seq_t] - cu_q_lens[seq_t + 1] + t_t
+        seen_t = jnp.where(t_t < cu_q_lens[B], jnp.clip(pos_t + 1, 0, M * P), 0)
+        return blockwise_paged_attention(
+            q,
+            k_pages,
+            v_pages,
+            block_tables[seq_t],
+            seen_t.astype(jnp.int32),
+            sm_scale=sm_scale,
+            decode_keys=decode_keys,
+        )
+    c = max(1, min(M, (block_k or FALLBACK.block_k) // P))  # pages per key step
     bt_bm = jnp.pad(block_tables, ((0, 0), (0, _cdiv(M, c) * c - M)))
     seq_w, start_w = ragged_work_items(cu_q_lens, T, bq)
     q_tkgd = jnp.pad(q, ((0, bq), (0, 0), (0, 0))).reshape(T + bq, K, G, D)

@@ -71,7 +71,7 @@ def test_blockwise_paged_attention_is_exact(rng, dtype, group):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_q", [1, 4, None])
+@pytest.mark.parametrize("block_q", [1, 4, None], ids=["decode-path", "tiles-of-4", "default"])
 def test_blockwise_ragged_paged_attention_is_exact(rng, dtype, block_q):
     mix = [(13, 13), (9, 40), (1, 17), (0, 5), (1, 1)]
     P, M, H, K, D = 8, 5, 6, 2, 16
@@ -90,7 +90,9 @@ def test_blockwise_ragged_paged_attention_is_exact(rng, dtype, block_q):
         jnp.asarray([c for _, c in mix], jnp.int32),
         jnp.asarray(cu),
     )
-    out = blockwise_ragged_paged_attention(*args, sm_scale=0.4, block_q=block_q, decode_keys=16)
+    out = blockwise_ragged_paged_attention(
+        *args, sm_scale=0.4, block_q=block_q, block_k=16, decode_keys=16
+    )
     ref = ragged_paged_attention_reference(*args, sm_scale=0.4)
     assert rel_err(out, ref) < TOL[dtype]
     assert not np.asarray(out[int(cu[-1]) :]).any()
