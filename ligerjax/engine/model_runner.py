@@ -12,6 +12,7 @@ steady decode never recompiles. Weights are jit arguments, the pages are donated
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,6 +96,30 @@ class StepBatch:
     logits_index_b: Any  # [B] int32, each sequence's last token in the packed row
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "treedef"), donate_argnames=("kv_pages",))
+def _step(
+    weights: list[jax.Array],
+    kv_pages: KVPages,
+    batch: StepBatch,
+    *,
+    graphdef: nnx.GraphDef,
+    treedef: Any,
+) -> tuple[jax.Array, KVPages]:
+    """``logits, kv_pages = step(weights, kv_pages, batch)``: logits [B, V] of each
+    sequence's last token. One module-level jit, so runners of one model share programs."""
+    model = cast(CausalLM, nnx.merge(graphdef, jax.tree.unflatten(treedef, weights)))
+    cache = PagedKVCache(
+        kv_pages,
+        batch.slot_mapping_t,
+        batch.block_tables_bm,
+        batch.context_lens_b,
+        batch.cu_q_lens_b1,
+    )
+    h_1te, cache = model.hidden_states(batch.token_ids_t[None], batch.positions_t[None], cache)
+    logits_bv = model.logits(h_1te[0, batch.logits_index_b])
+    return logits_bv, cache.pages
+
+
 class ModelRunner:
     """Runs a causal LM (``hidden_states``/``logits``, cache in and out) on scheduler steps."""
 
@@ -125,28 +150,17 @@ class ModelRunner:
             if config.num_host_blocks
             else None
         )
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self.num_steps = 0
 
-    # -- the device program ------------------------------------------------------------------
-
-    def _step_fn(self, weights: list[jax.Array], kv_pages: KVPages, batch: StepBatch):
-        state = jax.tree.unflatten(self._treedef, weights)
-        model = cast(CausalLM, nnx.merge(self.graphdef, state))
-        cache = PagedKVCache(
-            kv_pages,
-            batch.slot_mapping_t,
-            batch.block_tables_bm,
-            batch.context_lens_b,
-            batch.cu_q_lens_b1,
-        )
-        h_1te, cache = model.hidden_states(batch.token_ids_t[None], batch.positions_t[None], cache)
-        logits_bv = model.logits(h_1te[0, batch.logits_index_b])
-        return logits_bv, cache.pages
-
     def num_compiled_steps(self) -> int:
-        """Programs compiled for the step so far (one per token bucket used)."""
-        return int(self._step._cache_size())  # type: ignore[attr-defined]
+        """Step programs compiled in this process so far (all runners: they share a cache)."""
+        return int(_step._cache_size())  # type: ignore[attr-defined]
+
+    def _run_step(self, batch: StepBatch) -> jax.Array:
+        logits_bv, self.kv_pages = _step(
+            self.weights, self.kv_pages, batch, graphdef=self.graphdef, treedef=self._treedef
+        )
+        return logits_bv
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -156,16 +170,14 @@ class ModelRunner:
         if not out.scheduled:
             return ModelRunnerOutput({})
         batch = self.build_batch(out.scheduled)
-        logits_bv, self.kv_pages = self._step(self.weights, self.kv_pages, batch)
+        logits_bv = self._run_step(batch)
         self.num_steps += 1
         return self._sample(logits_bv, out.scheduled)
 
     def warm_up(self, buckets: Sequence[int] | None = None) -> None:
         """Compile the step for ``buckets`` (default: every token bucket) on dummy inputs."""
         for T in buckets or self.config.token_buckets():
-            batch = self._empty_batch(T)
-            logits_bv, self.kv_pages = self._step(self.weights, self.kv_pages, batch)
-            jax.block_until_ready(logits_bv)
+            jax.block_until_ready(self._run_step(self._empty_batch(T)))
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         if out.swap_out or out.swap_in:
