@@ -12,7 +12,9 @@
   interpret mode (any backend; slow, for tests); ``"fallback"``: the blockwise pure-JAX
   version; ``"reference"``: the dense plain-``jnp`` reference (O(S²) memory).
 
-Pallas kernels inside ``shard_map`` need ``check_vma=False``.
+``q`` may have another float dtype than K/V (say an f32 model over a bf16 cache): the
+fallbacks compute in f32 anyway, and the kernels get ``q`` cast to the K/V dtype; the output
+has ``q``'s dtype. Pallas kernels inside ``shard_map`` need ``check_vma=False``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ def _check_impl(fn: str, impl: str) -> None:
         raise ValueError(f"{fn}: impl={impl!r} is not one of {IMPLS}")
 
 
+def _in_kv_dtype(kernel: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """``kernel`` with ``q`` (first argument) cast to the K/V dtype (second) and back."""
+
+    def run(q, kv, *rest, interpret):
+        return kernel(q.astype(kv.dtype), kv, *rest, interpret=interpret).astype(q.dtype)
+
+    return run
+
+
 def _choose(
     impl: str,
     args: tuple[jax.Array, ...],
@@ -75,6 +86,7 @@ def _choose(
     kernel_ok: bool,
 ) -> jax.Array:
     """Run ``args`` through the implementation ``impl`` names (see the module doc)."""
+    kernel = _in_kv_dtype(kernel)
     if impl == "fallback":
         return fallback_fn(*args)
     if impl == "reference":
@@ -124,7 +136,7 @@ def dense_attention(
     position (``q_positions``), keys at or past ``kv_lengths`` ignored, rows that see no key 0.
     """
     _check_impl("dense_attention", impl)
-    check_attention_args("dense_attention", q, k, v, q_positions, kv_lengths)
+    check_attention_args("dense_attention", q, k, v, q_positions, kv_lengths, mixed_dtypes=True)
     return _dense_attention(
         q, k, v, q_positions, kv_lengths, causal=bool(causal), sm_scale=float(sm_scale), impl=impl
     )
@@ -177,7 +189,15 @@ def paged_decode_attention(
     Same contract as :func:`ligerjax.kernels.paged_attention`.
     """
     _check_impl("paged_decode_attention", impl)
-    check_paged_args("paged_decode_attention", q, k_pages, v_pages, block_tables, context_lens)
+    check_paged_args(
+        "paged_decode_attention",
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        mixed_dtypes=True,
+    )
     scale = float(sm_scale) if sm_scale is not None else float(q.shape[-1]) ** -0.5
     return _paged_decode(q, k_pages, v_pages, block_tables, context_lens, sm_scale=scale, impl=impl)
 
@@ -212,7 +232,14 @@ def ragged_paged_attention(
     """
     _check_impl("ragged_paged_attention", impl)
     check_ragged_args(
-        "ragged_paged_attention", q, k_pages, v_pages, block_tables, context_lens, cu_q_lens
+        "ragged_paged_attention",
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        cu_q_lens,
+        mixed_dtypes=True,
     )
     scale = float(sm_scale) if sm_scale is not None else float(q.shape[-1]) ** -0.5
     return _ragged(

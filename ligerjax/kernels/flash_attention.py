@@ -198,8 +198,13 @@ def check_attention_args(
     v: jax.Array,
     q_positions: jax.Array | None,
     kv_lengths: jax.Array | None,
+    *,
+    mixed_dtypes: bool = False,
 ) -> None:
-    """Shapes, dtypes and head counts of a dense attention call (``ValueError`` on misfit)."""
+    """Shapes, dtypes and head counts of a dense attention call (``ValueError`` on misfit).
+
+    ``mixed_dtypes`` lets ``q`` differ from ``k``/``v`` (which must still agree).
+    """
     checks.check_rank(fn, "q", q, "BTHD")
     checks.check_rank(fn, "k", k, "BSKD")
     checks.check_float(fn, "q", q)
@@ -209,8 +214,9 @@ def check_attention_args(
     S, K = k.shape[1], k.shape[2]
     checks.check_shape(fn, "k", k, (B, S, K, D), "BSKD")
     checks.check_shape(fn, "v", v, (B, S, K, D), "BSKD")
-    checks.check_same_dtype(fn, ("q", "k"), (q, k))
-    checks.check_same_dtype(fn, ("q", "v"), (q, v))
+    if not mixed_dtypes:
+        checks.check_same_dtype(fn, ("q", "k"), (q, k))
+    checks.check_same_dtype(fn, ("k", "v"), (k, v))
     checks.check_heads(fn, H, K, "k")
     if q_positions is not None:
         checks.check_shape(fn, "q_positions", q_positions, (B, T), "BT")

@@ -218,8 +218,12 @@ def check_paged_args(
     context_lens: jax.Array,
     *,
     q_dims: str = "BHD",
+    mixed_dtypes: bool = False,
 ) -> None:
-    """Shapes, dtypes, heads and (when concrete) ids and lengths of a paged attention call."""
+    """Shapes, dtypes, heads and (when concrete) ids and lengths of a paged attention call.
+
+    ``mixed_dtypes`` lets ``q`` differ from the pages (which must still agree).
+    """
     checks.check_rank(fn, "q", q, q_dims)
     checks.check_rank(fn, "k_pages", k_pages, "NPKD")
     checks.check_float(fn, "q", q)
@@ -230,8 +234,9 @@ def check_paged_args(
     if Dk != D:
         raise ValueError(f"{fn}: k_pages head dim {Dk} differs from q head dim {D}")
     checks.check_shape(fn, "v_pages", v_pages, k_pages.shape, "NPKD")
-    checks.check_same_dtype(fn, ("q", "k_pages"), (q, k_pages))
-    checks.check_same_dtype(fn, ("q", "v_pages"), (q, v_pages))
+    if not mixed_dtypes:
+        checks.check_same_dtype(fn, ("q", "k_pages"), (q, k_pages))
+    checks.check_same_dtype(fn, ("k_pages", "v_pages"), (k_pages, v_pages))
     checks.check_heads(fn, H, K, "k_pages")
     checks.check_rank(fn, "block_tables", block_tables, "BM")
     checks.check_int32(fn, "block_tables", block_tables)

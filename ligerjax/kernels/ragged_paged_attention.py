@@ -205,9 +205,20 @@ def check_ragged_args(
     block_tables: jax.Array,
     context_lens: jax.Array,
     cu_q_lens: jax.Array,
+    *,
+    mixed_dtypes: bool = False,
 ) -> None:
     """Everything :func:`check_paged_args` checks, plus ``cu_q_lens`` (shape, dtype, order)."""
-    check_paged_args(fn, q, k_pages, v_pages, block_tables, context_lens, q_dims="THD")
+    check_paged_args(
+        fn,
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        q_dims="THD",
+        mixed_dtypes=mixed_dtypes,
+    )
     T = q.shape[0]
     B = block_tables.shape[0]
     checks.check_shape(fn, "cu_q_lens", cu_q_lens, (B + 1,), "B + 1")

@@ -122,3 +122,18 @@ def test_attention_fallback_keeps_the_ops_signature(rng):
         q, k, v, causal=False, sm_scale=0.5, q_positions=pos, kv_lengths=lens
     )
     assert rel_err(out, ref) < 1e-5
+
+
+def test_an_f32_query_over_a_bf16_cache_is_accepted_everywhere(rng):
+    q, k_pages, v_pages, tables, lens, cu = paged_args(rng, ragged=True)
+    bf16 = (k_pages.astype(jnp.bfloat16), v_pages.astype(jnp.bfloat16))
+    args = (q, *bf16, tables, lens, cu)
+    ref = dispatch.ragged_paged_attention(*args, impl="reference")
+    for impl in IMPLS:
+        out = dispatch.ragged_paged_attention(*args, impl=impl)
+        assert out.dtype == jnp.float32
+        assert rel_err(out, ref) < 2e-2, impl
+    assert TRITON in _lowered_text(dispatch.ragged_paged_attention, args, "cuda")
+    dq, dk, dv, pos, _ = dense_args(rng)
+    out = ops.attention(dq, dk.astype(jnp.bfloat16), dv.astype(jnp.bfloat16), q_positions=pos)
+    assert out.dtype == jnp.float32
