@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "attention": "ligerjax.bench.attention",
     "generate": "ligerjax.bench.generate",
     "memory": "ligerjax.bench.memory",
+    "throughput": "ligerjax.bench.throughput",
 }
 
 

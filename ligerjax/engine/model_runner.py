@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -28,6 +29,7 @@ from ligerjax.engine.paged_kv_cache import PagedKVCache
 from ligerjax.engine.sampler import SamplerOutput, SamplingRow, make_batch, sample
 from ligerjax.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from ligerjax.engine.static_runner import CausalLM
+from ligerjax.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +177,15 @@ class ModelRunner:
         return self._sample(logits_bv, out.scheduled)
 
     def warm_up(self, buckets: Sequence[int] | None = None) -> None:
-        """Compile the step for ``buckets`` (default: every token bucket) on dummy inputs."""
+        """Compile the step for ``buckets`` (default: every token bucket) on dummy inputs,
+        and the greedy sampler for every row count up to ``max_num_seqs``."""
         for T in buckets or self.config.token_buckets():
             jax.block_until_ready(self._run_step(self._empty_batch(T)))
+        row = SamplingRow(SamplingParams(temperature=0.0), 0, (), ())
+        for R in (1 << i for i in range(_pow2(self.config.max_num_seqs).bit_length())):
+            batch, flags = make_batch([row] * R, self.vocab_size, R)
+            logits_rv = jnp.zeros((R, self.vocab_size), jnp.float32)
+            jax.block_until_ready(sample(logits_rv, batch, flags=flags))
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         if out.swap_out or out.swap_in:

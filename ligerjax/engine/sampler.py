@@ -29,6 +29,7 @@ class SamplingFlags:
     min_p: bool
     suppress: bool
     logprobs: int  # top logprobs to return (0: only the sampled token's)
+    random: bool = True  # some row samples (temperature > 0); False: all greedy, no draws
 
 
 Rows = jax.Array | np.ndarray  # built as numpy on the host, jax.Array inside `sample`
@@ -96,6 +97,7 @@ def make_batch(
         min_p=any(not p.greedy and p.min_p > 0 for p in ps),
         suppress=any(r.suppress_ids for r in padded),
         logprobs=max([p.logprobs or 0 for p in ps]),
+        random=any(not p.greedy for p in ps),
     )
     f32 = functools.partial(np.asarray, dtype=np.float32)
     batch = SamplingBatch(
@@ -162,6 +164,16 @@ def sample(logits_bv: jax.Array, s: SamplingBatch, *, flags: SamplingFlags) -> S
         rows = jnp.arange(B)[:, None]
         logits_bv = logits_bv.at[rows, s.suppress_ids_bm].set(-jnp.inf, mode="drop")
     greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    token_b = _draw(logits_bv, greedy_b, s, flags) if flags.random else greedy_b
+    logprob_b = jnp.take_along_axis(raw_logprobs_bv, token_b[:, None], axis=-1)[:, 0]
+    top_logprobs_bk, top_ids_bk = jax.lax.top_k(raw_logprobs_bv, max(flags.logprobs, 1))
+    return SamplerOutput(token_b, logprob_b, top_ids_bk.astype(jnp.int32), top_logprobs_bk)
+
+
+def _draw(
+    logits_bv: jax.Array, greedy_b: jax.Array, s: SamplingBatch, flags: SamplingFlags
+) -> jax.Array:
+    """Greedy rows keep ``greedy_b``; the others draw from the filtered, tempered logits."""
     temp_b = jnp.where(s.temperature_b > 0, s.temperature_b, 1.0)
     scaled_bv = logits_bv / temp_b[:, None]
     if flags.sort:
@@ -174,7 +186,4 @@ def sample(logits_bv: jax.Array, s: SamplingBatch, *, flags: SamplingFlags) -> S
         s.seed_b, s.step_b
     )
     drawn_b = jax.vmap(jax.random.categorical)(keys, scaled_bv).astype(jnp.int32)
-    token_b = jnp.where(s.temperature_b > 0, drawn_b, greedy_b)
-    logprob_b = jnp.take_along_axis(raw_logprobs_bv, token_b[:, None], axis=-1)[:, 0]
-    top_logprobs_bk, top_ids_bk = jax.lax.top_k(raw_logprobs_bv, max(flags.logprobs, 1))
-    return SamplerOutput(token_b, logprob_b, top_ids_bk.astype(jnp.int32), top_logprobs_bk)
+    return jnp.where(s.temperature_b > 0, drawn_b, greedy_b)
