@@ -310,6 +310,9 @@ class Scheduler:
         slots = self.swap_space.slots(request.request_id)
         n = self._num_new_tokens(request, step.budget)
         need = cdiv(request.num_computed_tokens + n, self.config.block_size)
+        if need > self.block_pool.num_usable_blocks:  # not even an empty cache would do
+            self._ignore(request, request.num_computed_tokens + n)
+            return True
         if need > self.kv.num_free_blocks:
             return False
         blocks = self.kv.swap_in(request, len(slots))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ligerjax.engine.kv_cache_manager import cdiv
@@ -175,6 +175,24 @@ def pick(s: Scheduler, i: int) -> str | None:
     max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(workload=workloads())
+# A swapped-out sample whose prompt fits but whose first decode token never can: it must be
+# finished as ignored instead of waiting forever for a swap-in (found by this test in CI).
+@example(
+    workload=(
+        SchedulerConfig(
+            max_num_seqs=2,
+            max_num_batched_tokens=12,
+            max_model_len=12,
+            block_size=2,
+            num_blocks=6,
+            num_host_blocks=5,
+            preemption_mode="swap",
+            enable_chunked_prefill=False,
+            enable_prefix_caching=False,
+        ),
+        [("add", 1, 1, 1, 0, 0)] * 3 + [("step", 0)] * 4 + [("add", 10, 2, 2, 0, 0)],
+    )
+)
 def test_random_workloads_never_share_leak_or_misread_a_block(workload):
     config, ops = workload
     s = Scheduler(config)
