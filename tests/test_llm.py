@@ -116,3 +116,28 @@ def test_bad_constructor_arguments_name_the_value():
         LLM(model="smollm2-135m", max_num_seqs=0)
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         LLM(model="no-such-model")
+
+
+def test_kv_cache_is_sized_for_full_length_sequences_and_stats_report_it(llm):
+    # 4 sequences x 512 tokens = 128 blocks of 16, plus the null block.
+    llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    stats = llm.stats()
+    assert stats.total_blocks == 128 and stats.block_size == 16
+    assert stats.free_blocks == stats.total_blocks  # everything given back
+    assert stats.num_preemptions == 0 and 0.0 <= stats.prefix_cache_hit_rate <= 1.0
+
+
+def test_continuous_batching_admits_more_prompts_than_max_num_seqs(llm):
+    prompts = [f"{i} + {i} =" for i in range(9)]  # 9 prompts through 4 slots
+    sp = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    outputs = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o.prompt for o in outputs] == prompts
+    assert all(o.finished and len(o.outputs[0].token_ids) == 3 for o in outputs)
+    assert all(o.metrics.first_token_time <= o.metrics.finished_time for o in outputs)
+
+
+def test_a_kv_budget_too_small_for_two_blocks_names_the_value():
+    with pytest.raises(ValueError, match="memory_bytes=1000"):
+        LLM(model="smollm2-135m", kv_cache_memory=1000)
+    with pytest.raises(ValueError, match="swap_space=0"):
+        LLM(model="smollm2-135m", preemption_mode="swap")

@@ -4,10 +4,11 @@
 copy-on-write copies and swap-ins first, then one jitted program,
 ``logits, kv_pages = step(weights, kv_pages, batch)``, over the scheduled sequences' new
 tokens packed into one row, then the sampler. The packed row is padded to a token bucket
-(powers of two from ``min_tokens`` up to ``max_num_batched_tokens``), and every other shape
-follows from that bucket (sequence rows: ``min(T, max_num_seqs)`` rounded up; block tables:
-``max_model_len / block_size`` wide), so a handful of programs serve every step and a
-steady decode never recompiles. Weights are jit arguments, the pages are donated.
+(powers of two and their midpoints, from ``min_tokens`` up to ``max_num_batched_tokens``),
+and every other shape follows from that bucket (sequence rows: ``min(T, max_num_seqs)``
+rounded up; block tables: ``max_model_len / block_size`` wide), so a handful of programs
+serve every step and a steady decode never recompiles. Weights are jit arguments, the
+pages are donated.
 """
 
 from __future__ import annotations
@@ -70,11 +71,14 @@ class ModelRunnerConfig:
         return -(-self.max_model_len // self.block_size)
 
     def token_buckets(self) -> tuple[int, ...]:
-        """Padded token counts a step can have, smallest first."""
+        """Padded token counts a step can have, smallest first: powers of two and the
+        midpoints between them (16, 24, 32, 48, ...), so padding wastes at most a third."""
         top = _pow2(self.max_num_batched_tokens)
         buckets, b = [], min(_pow2(self.min_tokens), top)
         while b < top:
             buckets.append(b)
+            if b >= 16:
+                buckets.append(b + b // 2)
             b *= 2
         return (*buckets, top)
 

@@ -70,8 +70,8 @@ def test_batch_packs_tokens_slots_and_tables_padded_to_buckets():
 
 def test_token_buckets_and_too_many_tokens():
     cfg = ModelRunnerConfig(num_blocks=4, max_num_batched_tokens=100, max_num_seqs=48)
-    assert cfg.token_buckets() == (16, 32, 64, 128)
-    assert [cfg.seq_bucket(t) for t in cfg.token_buckets()] == [16, 32, 64, 64]
+    assert cfg.token_buckets() == (16, 24, 32, 48, 64, 96, 128)
+    assert [cfg.seq_bucket(t) for t in cfg.token_buckets()] == [16, 24, 32, 48, 64, 64, 64]
     runner = make_runner(max_num_batched_tokens=16)
     with pytest.raises(ValueError, match="17 tokens: more than max_num_batched_tokens=16"):
         runner.build_batch([scheduled("a", range(17), 0, [1, 2, 3, 4, 5])])
