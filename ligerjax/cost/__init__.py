@@ -1,0 +1,26 @@
+"""Cost model: device tables, roofline op durations, ring collectives, contention."""
+
+from __future__ import annotations
+
+from ligerjax.cost.cost_model import (
+    COLLECTIVES,
+    Contention,
+    CostModel,
+    apply_nccl_env,
+    nccl_env,
+    nvidia_gpu_present,
+)
+from ligerjax.cost.device_spec import DEVICES, DeviceSpec, dtype_name, get_device
+
+__all__ = [
+    "COLLECTIVES",
+    "DEVICES",
+    "Contention",
+    "CostModel",
+    "DeviceSpec",
+    "apply_nccl_env",
+    "dtype_name",
+    "get_device",
+    "nccl_env",
+    "nvidia_gpu_present",
+]
