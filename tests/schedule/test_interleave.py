@@ -1,0 +1,104 @@
+"""The greedy interleaving planner and the Liger request-stream planner."""
+
+from __future__ import annotations
+
+import pytest
+
+from ligerjax.cost import Contention, CostModel
+from ligerjax.schedule import (
+    COMM,
+    COMPUTE,
+    FunctionVector,
+    InterleaveConfig,
+    LigerConfig,
+    Op,
+    Schedule,
+    interleave_greedy,
+    plan_liger,
+    simulate,
+)
+from ligerjax.schedule.liger_workloads import GLM_130B, tp_vector
+
+LIGER = Contention(compute=1.25, comm=1.0)
+
+
+def layer(name: str, c: float = 1.0, m: float = 1.0, rows: int = 8) -> FunctionVector:
+    return FunctionVector(
+        (
+            Op("c1", COMPUTE, c, rows=rows),
+            Op("m1", COMM, m),
+            Op("c2", COMPUTE, c, rows=rows),
+            Op("m2", COMM, m),
+        ),
+        name=name,
+    )
+
+
+def test_leftover_is_returned_for_the_next_step_when_not_appended():
+    sec = FunctionVector((Op("s1", COMPUTE, 2.0, rows=8),), name="s")
+    prim = FunctionVector((Op("c", COMPUTE, 1.0), Op("m", COMM, 1.0)), name="p")
+    plan = interleave_greedy(prim, [sec], contention=LIGER, append_leftover=False)
+    assert [op.name for op in plan.schedule.vectors[1]] == ["s1[0:3]"]
+    assert [op.name for op in plan.leftover[0]] == ["s1[3:8]"]
+    assert [(w.kind, w.budget_s) for w in plan.windows] == [(COMPUTE, 1.0), (COMM, 1.0)]
+    assert plan.windows[1].used_s == pytest.approx(0.9375)
+
+
+def test_a_blocked_secondary_closes_the_window_unless_skip_blocked():
+    big = FunctionVector((Op("big", COMPUTE, 5.0),), name="big")
+    small = FunctionVector((Op("small", COMPUTE, 0.4),), name="small")
+    prim = FunctionVector((Op("c", COMPUTE, 1.0), Op("m", COMM, 1.0)), name="p")
+    closed = interleave_greedy(prim, [big, small], contention=LIGER)
+    assert closed.windows[1].placed == ()
+    skipping = interleave_greedy(
+        prim, [big, small], contention=LIGER, config=InterleaveConfig(skip_blocked=True)
+    )
+    assert [closed.schedule.op(r).name for r in skipping.windows[1].placed] == ["small"]
+
+
+def test_slack_lets_fills_overrun_the_window():
+    sec = FunctionVector((Op("s", COMPUTE, 0.84),), name="s")  # 1.05 s inflated
+    prim = FunctionVector((Op("m", COMM, 1.0),), name="p")
+    assert interleave_greedy(prim, [sec], contention=LIGER).windows[0].placed == ()
+    slack = InterleaveConfig(slack=0.05)
+    assert len(interleave_greedy(prim, [sec], contention=LIGER, config=slack).windows[0].placed)
+
+
+def test_plan_liger_with_depth_one_is_plain_sequential_serving():
+    reqs = [layer(f"r{i}") for i in range(3)]
+    seq = simulate(Schedule.sequential(reqs), LIGER)
+    one = simulate(plan_liger(reqs, contention=LIGER, config=LigerConfig(depth=1)), LIGER)
+    assert one.completion_s == seq.completion_s
+
+
+def test_plan_liger_overlaps_requests_and_beats_sequential_serving():
+    reqs = [layer(f"r{i}", c=1.0, m=1.0) for i in range(4)]
+    seq = simulate(Schedule.sequential(reqs), Contention.none())
+    tl = simulate(plan_liger(reqs, contention=Contention.none()), Contention.none())
+    assert tl.makespan_s < seq.makespan_s
+    assert tl.completion_s[0] == seq.completion_s[0]  # the first primary is never delayed
+    placed = sum(len(v) for v in tl.schedule.vectors)
+    assert placed >= sum(len(r) for r in reqs)  # every op placed (some cut into pieces)
+
+
+def test_plan_liger_respects_arrivals_and_rejects_unsorted_ones():
+    reqs = [layer("a"), layer("b")]
+    tl = simulate(plan_liger(reqs, [0.0, 10.0], contention=LIGER), LIGER)
+    assert min(r.start_s for r in tl.records if r.ref.vector == 1) >= 10.0
+    with pytest.raises(ValueError, match="sorted"):
+        plan_liger(reqs, [1.0, 0.0])
+    with pytest.raises(ValueError, match="depth=0"):
+        LigerConfig(depth=0)
+    with pytest.raises(ValueError, match="factor=0"):
+        InterleaveConfig(factor=0)
+
+
+def test_interleaving_real_layers_keeps_the_primary_within_contention_of_alone():
+    cost = CostModel.for_device("a100-pcie")
+    prim = tp_vector(GLM_130B, cost, batch=2, seq_len=100, tp=4, num_layers=2)
+    secs = [tp_vector(GLM_130B, cost, batch=2, seq_len=64, tp=4, num_layers=2)]
+    plan = interleave_greedy(prim, secs, cost=cost)
+    tl = simulate(plan.schedule, cost.contention)
+    alone = prim.duration_s
+    assert alone <= tl.primary_latency <= alone * cost.contention.comm + 1e-12
+    assert 0 < plan.coverage <= 1
