@@ -42,6 +42,12 @@ def new_eqn(
     return jcore.new_jaxpr_eqn(list(invars), list(outvars), primitive, params, jcore.no_effects)
 
 
+def _debug_info(name: str, n_in: int, n_out: int) -> jcore.DebugInfo:
+    return jcore.DebugInfo(
+        name, None, tuple(f"in{i}" for i in range(n_in)), tuple(f"out{i}" for i in range(n_out))
+    )
+
+
 def rebuild(
     closed: ClosedJaxpr,
     eqns: Sequence[JaxprEqn],
@@ -50,12 +56,15 @@ def rebuild(
 ) -> ClosedJaxpr:
     """A new ClosedJaxpr with the same constants as ``closed`` and the given equations."""
     j = closed.jaxpr
+    ins = list(invars if invars is not None else j.invars)
+    outs = list(outvars if outvars is not None else j.outvars)
     new = Jaxpr(
         j.constvars,
-        list(invars if invars is not None else j.invars),
-        list(outvars if outvars is not None else j.outvars),
+        ins,
+        outs,
         list(eqns),
         j.effects,
+        debug_info=_debug_info("ligerjax.rebuild", len(ins), len(outs)),
     )
     return ClosedJaxpr(new, closed.consts)
 
@@ -71,12 +80,11 @@ def eval_jaxpr(closed: ClosedJaxpr, *args: Any) -> list[Any]:
 
 
 def eval_eqn(eqn: JaxprEqn, invals: Sequence[Any]) -> list[Any]:
-    """Evaluate one equation on values (literal operands are taken from the equation)."""
-    invars = [v for v in eqn.invars if not is_literal(v)]
-    vals = [x for v, x in zip(eqn.invars, invals, strict=True) if not is_literal(v)]
-    outvars = list(eqn.outvars)
-    jaxpr = Jaxpr([], invars, outvars, [eqn], eqn.effects)
-    return list(jcore.jaxpr_as_fun(ClosedJaxpr(jaxpr, []))(*vals))
+    """Evaluate one equation on values (as ``eval_jaxpr`` would; works under tracing)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def bind(primitive: Primitive, *args: Any, **params: Any) -> list[Any]:
