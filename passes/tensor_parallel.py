@@ -359,6 +359,24 @@ def _probe_attention(body: ir.ClosedJaxpr) -> tuple[bool, float] | None:
     return causal, scale
 
 
+def _local_kv_heads(eqn: ir.JaxprEqn, k: Any, v: Any, run: _Run) -> tuple[Any, Any] | None:
+    """The KV heads that this device's query heads attend with (GQA groups stay whole)."""
+    H, K = eqn.invars[0].aval.shape[2], eqn.invars[1].aval.shape[2]
+    h_local, group = H // run.n, H // K
+    if K % run.n == 0:
+        count = K // run.n
+        start = jax.lax.axis_index(run.axis) * count
+    elif group % h_local == 0:  # every local query head is in one group
+        count = 1
+        start = jax.lax.axis_index(run.axis) * h_local // group
+    else:
+        return None
+    return (
+        jax.lax.dynamic_slice_in_dim(k, start, count, axis=2),
+        jax.lax.dynamic_slice_in_dim(v, start, count, axis=2),
+    )
+
+
 def split_attention(eqn: ir.JaxprEqn, ins: list[Sharded], run: _Run) -> list[Sharded]:
     """``ligerjax_attention`` with q/k/v split by heads: attention on the local heads."""
     from ligerjax.ops import ligerjax_attention
@@ -367,7 +385,14 @@ def split_attention(eqn: ir.JaxprEqn, ins: list[Sharded], run: _Run) -> list[Sha
         return _replicated(eqn, [s.val for s in ins])
     q, k, v, qpos, lens = ins
     probed = run.attention.get(id(eqn.params["jaxpr"]))
-    if (q.dim, k.dim, v.dim, qpos.dim, lens.dim) != (2, 2, 2, None, None) or probed is None:
+    if probed is None or (q.dim, qpos.dim, lens.dim) != (2, None, None):
+        return default_rule(eqn, ins, run)
+    if (k.dim, v.dim) == (None, None):  # K/V replicated (few KV heads): take this shard's
+        kv = _local_kv_heads(eqn, k.val, v.val, run)
+        if kv is None:
+            return default_rule(eqn, ins, run)
+        k, v = Sharded(kv[0], 2), Sharded(kv[1], 2)
+    elif (k.dim, v.dim) != (2, 2):
         return default_rule(eqn, ins, run)
     causal, scale = probed
     run.rewrites["attention_local_heads"] += 1

@@ -46,6 +46,20 @@ def test_llama_matches_the_original(n, kv_heads):
     assert report.rewrites["attention_local_heads"] == cfg.num_layers
 
 
+@pytest.mark.parametrize(("n", "kv_heads"), [(4, 2), (8, 4)], ids=lambda x: str(x))
+def test_llama_with_replicated_kv_projections(n, kv_heads):
+    """Fewer KV heads than devices: K/V projections replicated, each device its KV head."""
+    cfg = LlamaConfig.preset("tiny", num_heads=8, num_kv_heads=kv_heads)
+    model = Llama(cfg, rngs=nnx.Rngs(4))
+    traced = trace_module(model, TOKENS)
+    rules = ((r"(k_proj|v_proj)\.kernel$", None),)
+    ctx = PassContext(mesh=_mesh(n), partition_rules=rules, debug=True)
+    program, (report,) = PassManager([tensor_parallel_pass]).run(traced, ctx)
+    _close(program(traced.weights, TOKENS), model(TOKENS))
+    assert report.fallbacks == {}
+    assert ir.count_primitives(program.jaxpr)["psum"] == 2 * cfg.num_layers
+
+
 def test_llama_weights_are_split_megatron_style():
     cfg = LlamaConfig.preset("tiny", num_heads=8, num_kv_heads=8)
     traced = trace_module(Llama(cfg, rngs=nnx.Rngs(0)), TOKENS)
