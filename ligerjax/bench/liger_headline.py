@@ -14,7 +14,13 @@ after the warm-up: ``throughput_ratio`` = Liger / TP (the paper: 1.34x). Latency
 to completion, queueing included) is measured at a common arrival rate both Liger and PP
 sustain, ``--load`` times the lower of their saturated throughputs, with arrivals at a fixed
 interval as in the artifact: ``latency_vs_pp`` = Liger's mean / PP's mean - 1 (the paper:
--0.36). TP's mean latency at that rate is reported too (it may exceed TP's capacity).
+-0.36). TP's mean latency at that rate is reported too (it may exceed TP's capacity), and
+``latency_vs_tp`` compares Liger with TP at ``--load`` times TP's own throughput (the paper:
+Liger's latency is lower than TP's).
+
+The planner inflates overlapped durations by ``1/--efficiency`` (Liger's prototype: 0.8);
+the simulated hardware slows overlapped ops by ``--sim-compute``/``--sim-comm`` (default:
+the planner's factors). ``docs/BENCHMARKS.md`` gives the assumptions and a sensitivity table.
 """
 
 from __future__ import annotations
@@ -64,14 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sim-compute",
         type=float,
-        default=1.15,
-        help="simulated slowdown of compute overlapped with comm (the survey's A100-PCIe 1.15x)",
+        help="simulated slowdown of compute overlapped with comm (default: the planner's)",
     )
     parser.add_argument(
         "--sim-comm",
         type=float,
-        default=1.15,
-        help="simulated slowdown of comm overlapped with compute",
+        help="simulated slowdown of comm overlapped with compute (default: the planner's)",
     )
     parser.add_argument(
         "--link-efficiency",
@@ -111,17 +115,6 @@ def measure(timeline: Timeline, warmup: int) -> Measured:
     return Measured(req_s, latency)
 
 
-def _liger(
-    vectors: Sequence[FunctionVector],
-    release: Sequence[float] | None,
-    cost: CostModel,
-    config: LigerConfig,
-    hardware: Contention,
-) -> Timeline:
-    schedule = plan_liger(vectors, release, cost=cost, config=config)
-    return simulate(schedule, hardware)
-
-
 def _validate(args: argparse.Namespace) -> None:
     for name in ("tp", "layers", "reqs", "batch", "depth", "factor"):
         if getattr(args, name) < 1:
@@ -132,64 +125,149 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--load={args.load}: must be > 0")
 
 
+@dataclass(frozen=True)
+class HeadlineResult:
+    """Saturated throughputs, and mean latencies at the common rate and at TP's rate."""
+
+    tp: Measured  # saturated
+    liger: Measured
+    pp: Measured
+    rate_req_s: float  # load x min(Liger, PP) throughput
+    liger_at_rate: Measured
+    pp_at_rate: Measured
+    tp_at_rate: Measured
+    tp_rate_req_s: float  # load x TP throughput
+    liger_at_tp_rate: Measured
+    tp_at_tp_rate: Measured
+    liger_timeline: Timeline  # saturated, for the trace
+
+    @property
+    def throughput_ratio(self) -> float:
+        """Liger's saturated throughput over plain TP's (the paper: 1.34)."""
+        return self.liger.req_s / self.tp.req_s
+
+    @property
+    def latency_vs_pp(self) -> float:
+        """Liger's mean latency over PP's at the common rate, minus 1 (the paper: -0.36)."""
+        return self.liger_at_rate.mean_latency_s / self.pp_at_rate.mean_latency_s - 1
+
+    @property
+    def latency_vs_tp(self) -> float:
+        """Liger's mean latency over TP's at a rate TP sustains, minus 1."""
+        return self.liger_at_tp_rate.mean_latency_s / self.tp_at_tp_rate.mean_latency_s - 1
+
+
+def simulate_headline(
+    tp_vecs: Sequence[FunctionVector],
+    pp_vecs: Sequence[FunctionVector],
+    cost: CostModel,
+    hardware: Contention,
+    config: LigerConfig,
+    *,
+    warmup: int,
+    load: float,
+    arrivals: str = "periodic",
+    seed: int = 0,
+) -> HeadlineResult:
+    """Serve the requests (``tp_vecs[i]`` and ``pp_vecs[i]`` are request i) with plain TP,
+    Liger and PP: saturated, then at ``load`` x min(Liger, PP) throughput, then Liger and
+    TP at ``load`` x TP's throughput. ``cost`` plans Liger; ``hardware`` is the simulated
+    slowdown of overlapped ops."""
+    n = len(tp_vecs)
+
+    def tp_run(release: Sequence[float] | None) -> Timeline:
+        return simulate(Schedule.sequential(tp_vecs, release), hardware)
+
+    def pp_run(release: Sequence[float] | None) -> Timeline:
+        return simulate(Schedule.sequential(pp_vecs, release), hardware)
+
+    def liger_run(release: Sequence[float] | None) -> Timeline:
+        return simulate(plan_liger(tp_vecs, release, cost=cost, config=config), hardware)
+
+    tp = measure(tp_run(None), warmup)
+    liger_tl = liger_run(None)
+    liger = measure(liger_tl, warmup)
+    pp = measure(pp_run(None), warmup)
+    rate = load * min(liger.req_s, pp.req_s)
+    release = arrival_times(n, rate, pattern=arrivals, seed=seed)
+    tp_rate = load * tp.req_s
+    tp_release = arrival_times(n, tp_rate, pattern=arrivals, seed=seed)
+    return HeadlineResult(
+        tp=tp,
+        liger=liger,
+        pp=pp,
+        rate_req_s=rate,
+        liger_at_rate=measure(liger_run(release), warmup),
+        pp_at_rate=measure(pp_run(release), warmup),
+        tp_at_rate=measure(tp_run(release), warmup),
+        tp_rate_req_s=tp_rate,
+        liger_at_tp_rate=measure(liger_run(tp_release), warmup),
+        tp_at_tp_rate=measure(tp_run(tp_release), warmup),
+        liger_timeline=liger_tl,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     _validate(args)
-    # The planner inflates by Liger's flat efficiency; the simulated hardware slows
-    # overlapped ops by --sim-compute / --sim-comm.
     device = get_device(args.device)
     if args.link_efficiency is not None:
         device = device.replace(link_efficiency=args.link_efficiency)
+    # The planner inflates overlapped ops by Liger's flat efficiency; the simulated
+    # hardware slows them by --sim-compute / --sim-comm (default: the same factors).
     cost = CostModel(device, Contention.flat(args.efficiency))
-    hardware = Contention(compute=args.sim_compute, comm=args.sim_comm)
+    hardware = Contention(
+        compute=cost.contention.compute if args.sim_compute is None else args.sim_compute,
+        comm=cost.contention.comm if args.sim_comm is None else args.sim_comm,
+    )
     cfg = TransformerConfig(num_layers=args.layers)
     requests = liger_requests(
         args.reqs, batch=args.batch, max_seq_len=args.max_seq_len, seed=args.seed
     )
-    split = (COMPUTE, COMM) if args.split_comm else (COMPUTE,)
     config = LigerConfig(
         depth=args.depth,
         interleave=InterleaveConfig(
             factor=args.factor,
-            split_kinds=split,
+            split_kinds=(COMPUTE, COMM) if args.split_comm else (COMPUTE,),
             skip_blocked=args.skip_blocked,
         ),
     )
     tp_vecs = vectors_for(requests, "tp", cfg, cost, degree=args.tp)
     pp_vecs = vectors_for(requests, "pp", cfg, cost, degree=args.tp)
-
-    # Saturation: every request queued at t=0.
-    tp_sat = measure(simulate(Schedule.sequential(tp_vecs), hardware), args.warmup)
-    liger_sat_tl = _liger(tp_vecs, None, cost, config, hardware)
-    liger_sat = measure(liger_sat_tl, args.warmup)
-    pp_sat = measure(simulate(Schedule.sequential(pp_vecs), hardware), args.warmup)
-
-    # A common arrival rate Liger and PP both sustain.
-    rate = args.load * min(liger_sat.req_s, pp_sat.req_s)
-    release = arrival_times(args.reqs, rate, pattern=args.arrivals, seed=args.seed)
-    liger_at = measure(_liger(tp_vecs, release, cost, config, hardware), args.warmup)
-    pp_at = measure(simulate(Schedule.sequential(pp_vecs, release), hardware), args.warmup)
-    tp_at = measure(simulate(Schedule.sequential(tp_vecs, release), hardware), args.warmup)
-
+    res = simulate_headline(
+        tp_vecs,
+        pp_vecs,
+        cost,
+        hardware,
+        config,
+        warmup=args.warmup,
+        load=args.load,
+        arrivals=args.arrivals,
+        seed=args.seed,
+    )
     tp_alone = statistics.fmean(v.duration_s for v in tp_vecs)
-    comm_frac = sum(v.comm_s for v in tp_vecs) / sum(v.duration_s for v in tp_vecs)
     pp_alone = statistics.fmean(v.duration_s for v in pp_vecs)
+    comm_frac = sum(v.comm_s for v in tp_vecs) / sum(v.duration_s for v in tp_vecs)
     if args.trace_dir is not None:
-        _write_trace(liger_sat_tl, args.trace_dir, cfg, args.device)
+        _write_trace(res.liger_timeline, args.trace_dir, cfg, args.device)
 
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
     print(
         f"bench=liger-headline device={args.device} tp={args.tp} hidden={cfg.hidden} "
         f"layers={cfg.num_layers} reqs={args.reqs} "
-        f"throughput_ratio={liger_sat.req_s / tp_sat.req_s:.2f} "
+        f"throughput_ratio={res.throughput_ratio:.2f} "
         f"paper_throughput_ratio={PAPER_THROUGHPUT_RATIO} "
-        f"latency_vs_pp={liger_at.mean_latency_s / pp_at.mean_latency_s - 1:+.2f} "
-        f"paper_latency_vs_pp={PAPER_LATENCY_VS_PP} "
-        f"tp_req_s={tp_sat.req_s:.2f} liger_req_s={liger_sat.req_s:.2f} "
-        f"pp_req_s={pp_sat.req_s:.2f} rate_req_s={rate:.2f} "
-        f"liger_ms={ms(liger_at.mean_latency_s)} pp_ms={ms(pp_at.mean_latency_s)} "
-        f"tp_ms={ms(tp_at.mean_latency_s)} tp_alone_ms={ms(tp_alone)} pp_alone_ms={ms(pp_alone)} "
-        f"tp_comm_frac={comm_frac:.2f} "
-        f"plan_efficiency={args.efficiency} sim_slowdown={args.sim_compute}/{args.sim_comm} "
+        f"latency_vs_pp={res.latency_vs_pp:+.2f} paper_latency_vs_pp={PAPER_LATENCY_VS_PP} "
+        f"latency_vs_tp={res.latency_vs_tp:+.2f} "
+        f"tp_req_s={res.tp.req_s:.2f} liger_req_s={res.liger.req_s:.2f} "
+        f"pp_req_s={res.pp.req_s:.2f} rate_req_s={res.rate_req_s:.2f} "
+        f"liger_ms={ms(res.liger_at_rate.mean_latency_s)} "
+        f"pp_ms={ms(res.pp_at_rate.mean_latency_s)} tp_ms={ms(res.tp_at_rate.mean_latency_s)} "
+        f"tp_rate_req_s={res.tp_rate_req_s:.2f} "
+        f"liger_ms_at_tp_rate={ms(res.liger_at_tp_rate.mean_latency_s)} "
+        f"tp_ms_at_tp_rate={ms(res.tp_at_tp_rate.mean_latency_s)} "
+        f"tp_alone_ms={ms(tp_alone)} pp_alone_ms={ms(pp_alone)} tp_comm_frac={comm_frac:.2f} "
+        f"plan_slowdown={cost.contention.compute:.2f}/{cost.contention.comm:.2f} "
+        f"sim_slowdown={hardware.compute:.2f}/{hardware.comm:.2f} "
         f"arrivals={args.arrivals} load={args.load}"
     )
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ligerjax.cost.calibration import CalibrationReport, calibrate
 from ligerjax.cost.cost_model import (
     COLLECTIVES,
     Contention,
@@ -15,10 +16,12 @@ from ligerjax.cost.device_spec import DEVICES, DeviceSpec, dtype_name, get_devic
 __all__ = [
     "COLLECTIVES",
     "DEVICES",
+    "CalibrationReport",
     "Contention",
     "CostModel",
     "DeviceSpec",
     "apply_nccl_env",
+    "calibrate",
     "dtype_name",
     "get_device",
     "nccl_env",

@@ -44,9 +44,9 @@ def dtype_name(dtype: Any) -> str:
     if isinstance(dtype, str):
         name = dtype.strip().lower()
         return _DTYPE_ALIASES.get(name, name)
-    name = getattr(dtype, "name", None)
-    if isinstance(name, str):
-        return name
+    attr = getattr(dtype, "name", None)
+    if isinstance(attr, str):
+        return attr
     try:
         return np.dtype(dtype).name
     except TypeError as err:

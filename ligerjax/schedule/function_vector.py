@@ -17,15 +17,15 @@ import dataclasses
 import enum
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from ligerjax.cost.cost_model import COLLECTIVES, CostModel
 
-PRIMARY = "primary"
-SECONDARY = "secondary"
 BatchRole = Literal["primary", "secondary"]
+PRIMARY: Final = "primary"
+SECONDARY: Final = "secondary"
 
 
 class OpKind(enum.Enum):
@@ -240,9 +240,3 @@ def decompose(op: Op, k: int, cost: CostModel | None = None) -> tuple[Op, ...]:
         raise ValueError(f"k={k}: more pieces than Op({op.name}).rows={op.rows}")
     bounds = [round(i * op.rows / k) for i in range(k + 1)]
     return tuple(_piece(op, lo, hi, cost) for lo, hi in itertools.pairwise(bounds))
-
-
-def vector_of(ops: Sequence[Op], name: str = "", role: BatchRole | None = None) -> FunctionVector:
-    """A :class:`FunctionVector` of ``ops``, retagged ``role`` when given."""
-    vec = FunctionVector(tuple(ops), name=name)
-    return vec if role is None else vec.as_batch(role)

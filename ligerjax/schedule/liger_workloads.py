@@ -84,49 +84,52 @@ def _check_shape(batch: int, seq_len: int) -> None:
         raise ValueError(f"seq_len={seq_len}: must be >= 1")
 
 
-def _gemm(
-    name: str, cost: CostModel, m: int, k: int, n: int, b: int, dtype: str, **kw: object
+def _compute(
+    name: str,
+    cost: CostModel,
+    flops: float,
+    nbytes: float,
+    rows: int,
+    dtype: str,
+    fixed: float = 0.0,
 ) -> Op:
-    """[m, k] @ [k, n], weights [k, n] read once per call."""
-    flops = 2.0 * m * k * n
-    weights = float(k * n * b)
-    nbytes = weights + (m * k + m * n) * b
+    """A compute op with its roofline duration, splittable along ``rows``."""
     return Op(
         name,
         COMPUTE,
         cost.op_duration(flops, nbytes, dtype),
         flops=flops,
         bytes=nbytes,
-        rows=m,
-        fixed_bytes=weights,
+        rows=rows,
+        fixed_bytes=fixed,
         dtype=dtype,
-        **kw,  # type: ignore[arg-type]
     )
 
 
+def _gemm(name: str, cost: CostModel, m: int, k: int, n: int, b: int, dtype: str) -> Op:
+    """[m, k] @ [k, n]: every piece of it reads all the weights [k, n]."""
+    weights = float(k * n * b)
+    return _compute(name, cost, 2.0 * m * k * n, weights + (m * k + m * n) * b, m, dtype, weights)
+
+
 def _elementwise(
-    name: str,
-    cost: CostModel,
-    m: int,
-    width: int,
-    b: int,
-    dtype: str,
-    *,
-    arrays: int,
-    flops_per: float,
-    **kw: object,
+    name: str, cost: CostModel, m: int, width: int, b: int, dtype: str, arrays: int, flops: float
 ) -> Op:
-    flops = flops_per * m * width
-    nbytes = float(arrays * m * width * b)
+    """A streaming op over [m, width]: ``arrays`` arrays in and out, ``flops`` per element."""
+    return _compute(name, cost, flops * m * width, float(arrays * m * width * b), m, dtype)
+
+
+def _all_reduce(cost: CostModel, m: int, e: int, b: int, dtype: str, tp: int) -> Op:
+    nbytes = float(m * e * b)
     return Op(
-        name,
-        COMPUTE,
-        cost.op_duration(flops, nbytes, dtype),
-        flops=flops,
+        "all_reduce",
+        COMM,
+        cost.all_reduce(nbytes, tp),
         bytes=nbytes,
         rows=m,
         dtype=dtype,
-        **kw,  # type: ignore[arg-type]
+        collective="all_reduce",
+        group=tp,
     )
 
 
@@ -149,55 +152,25 @@ def layer_ops(
     m, e, b, dt = batch * seq_len, cfg.hidden, cfg.itemsize, cfg.dtype
     hd = cfg.heads // tp * cfg.head_dim  # local heads x head dim
     f = cfg.ffn // tp
-    kw = {"layer": layer, "device": device, "batch": role}
-    ops = [
-        _elementwise("ln_attn", cost, m, e, b, dt, arrays=2, flops_per=8, **kw),
-        _gemm("qkv", cost, m, e, 3 * hd, b, dt, **kw),
-    ]
-    # softmax(Q K^T) V per sequence: 2 GEMMs of 2*S*S*D FLOPs per head; Q, K, V in, O out
-    attn_flops = 4.0 * batch * seq_len * seq_len * hd
+    # softmax(Q K^T) V per sequence: two GEMMs of 2 S^2 D FLOPs per head; Q, K, V in, O out;
+    # a piece (some queries) still reads all the keys and values
     kv = 2.0 * m * hd * b
-    attn_bytes = kv + 2.0 * m * hd * b
-    ops.append(
-        Op(
-            "attention",
-            COMPUTE,
-            cost.op_duration(attn_flops, attn_bytes, dt),
-            flops=attn_flops,
-            bytes=attn_bytes,
-            rows=m,
-            fixed_bytes=kv,
-            dtype=dt,
-            **kw,
-        )  # type: ignore[arg-type]
+    attention = _compute(
+        "attention", cost, 4.0 * batch * seq_len * seq_len * hd, 2 * kv, m, dt, fixed=kv
     )
-    ops.append(_gemm("out_proj", cost, m, hd, e, b, dt, **kw))
-    if tp > 1:
-        ops.append(_all_reduce(cost, m, e, b, dt, tp, **kw))
-    ops += [
-        _elementwise("ln_mlp", cost, m, e, b, dt, arrays=3, flops_per=9, **kw),
-        _gemm("mlp_up", cost, m, e, f, b, dt, **kw),
-        _elementwise("gelu", cost, m, f, b, dt, arrays=2, flops_per=8, **kw),
-        _gemm("mlp_down", cost, m, f, e, b, dt, **kw),
+    ops = [
+        _elementwise("ln_attn", cost, m, e, b, dt, arrays=2, flops=8),
+        _gemm("qkv", cost, m, e, 3 * hd, b, dt),
+        attention,
+        _gemm("out_proj", cost, m, hd, e, b, dt),
+        *([_all_reduce(cost, m, e, b, dt, tp)] if tp > 1 else []),
+        _elementwise("ln_mlp", cost, m, e, b, dt, arrays=3, flops=9),  # + residual add
+        _gemm("mlp_up", cost, m, e, f, b, dt),
+        _elementwise("gelu", cost, m, f, b, dt, arrays=2, flops=8),
+        _gemm("mlp_down", cost, m, f, e, b, dt),
+        *([_all_reduce(cost, m, e, b, dt, tp)] if tp > 1 else []),
     ]
-    if tp > 1:
-        ops.append(_all_reduce(cost, m, e, b, dt, tp, **kw))
-    return ops
-
-
-def _all_reduce(cost: CostModel, m: int, e: int, b: int, dt: str, tp: int, **kw: object) -> Op:
-    nbytes = float(m * e * b)
-    return Op(
-        "all_reduce",
-        COMM,
-        cost.all_reduce(nbytes, tp),
-        bytes=nbytes,
-        rows=m,
-        dtype=dt,
-        collective="all_reduce",
-        group=tp,
-        **kw,  # type: ignore[arg-type]
-    )
+    return [op.replace(layer=layer, device=device, batch=role) for op in ops]
 
 
 def tp_vector(

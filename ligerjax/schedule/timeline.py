@@ -51,10 +51,10 @@ COLORS = {PRIMARY: "#1f77b4", SECONDARY: "#ff7f0e"}
 
 
 class OpRef(NamedTuple):
-    """Op ``index`` of vector ``vector`` in a schedule."""
+    """Op number ``op`` of vector number ``vector`` in a schedule."""
 
     vector: int
-    index: int
+    op: int
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class Schedule:
 
     def _check_ref(self, ref: OpRef, where: str) -> None:
         if not (
-            0 <= ref.vector < len(self.vectors) and 0 <= ref.index < len(self.vectors[ref.vector])
+            0 <= ref.vector < len(self.vectors) and 0 <= ref.op < len(self.vectors[ref.vector])
         ):
             raise ValueError(f"{where}: op {tuple(ref)} does not exist")
 
@@ -116,7 +116,7 @@ class Schedule:
 
     def op(self, ref: OpRef) -> Op:
         """The op ``ref`` points at."""
-        return self.vectors[ref.vector].ops[ref.index]
+        return self.vectors[ref.vector].ops[ref.op]
 
     @property
     def num_ops(self) -> int:
@@ -256,7 +256,7 @@ class Timeline:
                     "tid": _TID[op.kind],
                     "args": {
                         "vector": self.schedule.vectors[r.ref.vector].name or str(r.ref.vector),
-                        "index": r.ref.index,
+                        "op": r.ref.op,
                         "layer": op.layer,
                         "batch": op.batch,
                         "solo_us": op.duration_s * 1e6,
@@ -355,14 +355,14 @@ def simulate(
     other = [-1] * num_streams
     factor = [1.0] * num_streams
     for (device, kind), sid in stream_ids.items():
-        twin = (device, COMM if kind is COMPUTE else COMPUTE)
-        other[sid] = stream_ids.get(twin, -1)
+        twin_stream = (device, COMM if kind is COMPUTE else COMPUTE)
+        other[sid] = stream_ids.get(twin_stream, -1)
         factor[sid] = contention.compute if kind is COMPUTE else contention.comm
     queues: list[list[int]] = [[] for _ in range(num_streams)]
     for g, op in enumerate(ops):
         queues[stream_ids[(op.device, op.kind)]].append(g)
 
-    pred = [pos[OpRef(ref.vector, ref.index - 1)] if ref.index > 0 else -1 for ref in order]
+    pred = [pos[OpRef(ref.vector, ref.op - 1)] if ref.op > 0 else -1 for ref in order]
     release = [schedule.release_s[ref.vector] for ref in order]
     anchors: dict[int, list[int]] = {}
     for op_ref, anchor in schedule.start_after:
