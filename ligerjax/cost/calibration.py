@@ -9,6 +9,9 @@ loop long enough to read the clock reliably). The fit is three numbers:
 * compute efficiency: the median over GEMMs of ``flops / (peak * (t - launch))``;
 * memory efficiency: the median over elementwise ops of ``bytes / (bw * (t - launch))``.
 
+The cases are timed round-robin (one loop of each per round, the best of ``repeats``
+rounds kept), so load from other processes on a shared machine hits them alike.
+
 An efficiency above 1 (the table's nominal peak was too low, e.g. data served from cache)
 raises the peak instead, so the fitted spec stays valid. The report then predicts every op
 with the fitted roofline and gives the error per op and the mean absolute percentage error.
@@ -156,24 +159,44 @@ def _build(case: CalibrationCase, dtype: str) -> tuple[Callable[..., Any], tuple
     return jax.jit(jnp.add), (x, y)
 
 
-def measure(case: CalibrationCase, *, dtype: Any = "float32", repeats: int = 5) -> float:
-    """Best-of-``repeats`` seconds per call of ``case``, compiled, after a warm-up."""
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats}: must be >= 1")
-    fn, args = _build(case, dtype_name(dtype))
+def _timer(case: CalibrationCase, dtype: str) -> Callable[[], float]:
+    """Compile and warm ``case`` up; return a function timing one loop of it (s per call)."""
+    fn, args = _build(case, dtype)
     fn(*args).block_until_ready()  # compile and warm up
     start = time.perf_counter()
     fn(*args).block_until_ready()
     once = max(time.perf_counter() - start, 1e-7)
     inner = max(1, min(1000, int(2e-3 / once)))  # loops of >= ~2 ms
-    best = float("inf")
-    for _ in range(repeats):
+
+    def loop() -> float:
         start = time.perf_counter()
         for _ in range(inner):
             out = fn(*args)
         out.block_until_ready()
-        best = min(best, (time.perf_counter() - start) / inner)
-    return best
+        return (time.perf_counter() - start) / inner
+
+    return loop
+
+
+def measure_all(
+    cases: Sequence[CalibrationCase], *, dtype: Any = "float32", repeats: int = 5
+) -> tuple[float, ...]:
+    """Best-of-``repeats`` seconds per call of each case. The cases are timed round-robin,
+    one loop each per round, so a burst of load from other processes on a shared machine
+    hits every case alike instead of one case's whole series."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: must be >= 1")
+    timers = [_timer(case, dtype_name(dtype)) for case in cases]
+    best = [float("inf")] * len(timers)
+    for _ in range(repeats):
+        for i, loop in enumerate(timers):
+            best[i] = min(best[i], loop())
+    return tuple(best)
+
+
+def measure(case: CalibrationCase, *, dtype: Any = "float32", repeats: int = 5) -> float:
+    """Best-of-``repeats`` seconds per call of ``case``, compiled, after a warm-up."""
+    return measure_all((case,), dtype=dtype, repeats=repeats)[0]
 
 
 def _fit_rate(
@@ -208,11 +231,7 @@ def calibrate(
     dtype = dtype_name(dtype)
     itemsize = _itemsize(dtype)
     if measured is None:
-        times = []
-        for case in cases:
-            t = measure(case, dtype=dtype, repeats=repeats)
-            log.info("calibration %s: %.4f ms", case.name, t * 1e3)
-            times.append(t)
+        times = list(measure_all(cases, dtype=dtype, repeats=repeats))
     else:
         if len(measured) != len(cases):
             raise ValueError(f"measured: {len(measured)} timings for {len(cases)} cases")

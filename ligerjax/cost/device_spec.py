@@ -243,21 +243,22 @@ H200 = DeviceSpec(
     link_efficiency=0.75,
 )
 
-# This machine ("cpu-2c"): 2 vCPUs of an AMD EPYC Zen 4 (family 25, model 17) under KVM,
-# TSC 2.6 GHz. Zen 4 has two 256-bit FMA pipes per core (AVX-512 runs double-pumped), so
-# 2 cores x 2.6 GHz x 32 FP32 FLOP/cycle = 166.4 GFLOP/s, half that in FP64. XLA:CPU runs
-# BF16/FP16 dots in FP32, so they get the FP32 peak. Memory bandwidth is a nominal share of
-# a DDR5 socket for two cores (not a datasheet figure); collectives between virtual CPU
-# devices are copies within one process. `calibration.calibrate()` refits the efficiencies
-# and the launch latency from timings.
+# This machine ("cpu-2c"): 2 vCPUs of an AMD EPYC Zen 4 (family 25, model 17: EPYC 9004) under
+# KVM. Zen 4 has two 256-bit FMA pipes per core (AVX-512 runs double-pumped): 32 FP32
+# FLOP/cycle; at the 9004 series' 3.7 GHz maximum boost, 2 x 3.7 GHz x 32 = 236.8 GFLOP/s,
+# half that in FP64 (the TSC runs at 2.6 GHz; a single 1024^3 f32 GEMM reached ~210
+# GFLOP/s here). XLA:CPU runs BF16/FP16 dots in FP32, so they get the FP32 peak. Memory
+# bandwidth is a nominal share of a DDR5 socket for two cores (not a datasheet figure);
+# collectives between virtual CPU devices are copies within one process.
+# `calibration.calibrate()` refits the efficiencies and the launch latency from timings.
 CPU = DeviceSpec(
     name="cpu",
     vendor="cpu",
     peak_flops=(
-        ("float32", 166.4e9),
-        ("bfloat16", 166.4e9),
-        ("float16", 166.4e9),
-        ("float64", 83.2e9),
+        ("float32", 236.8e9),
+        ("bfloat16", 236.8e9),
+        ("float16", 236.8e9),
+        ("float64", 118.4e9),
     ),
     memory_bandwidth=40 * _GB,
     link_bandwidth=20 * _GB,
