@@ -18,6 +18,17 @@ CASES = (
 )
 
 
+# Compute-bound GEMMs and memory-bound elementwise ops under the CPU table, for fitting
+# synthetic timings (nothing is timed).
+SYNTHETIC = (
+    CalibrationCase("launch", "launch"),
+    CalibrationCase("gemm 256x256x256", "gemm", 256, 256, 256),
+    CalibrationCase("gemm 512x256x128", "gemm", 512, 256, 128),
+    CalibrationCase("add 2^16", "elementwise", size=1 << 16, op="add"),
+    CalibrationCase("scale 2^17", "elementwise", size=1 << 17, op="scale"),
+)
+
+
 def test_fit_recovers_efficiencies_of_synthetic_timings_exactly():
     cpu = DEVICES["cpu"]
     truth = CostModel(
@@ -25,20 +36,20 @@ def test_fit_recovers_efficiencies_of_synthetic_timings_exactly():
     )
     times = [
         truth.op_duration(c.flops(), c.bytes(4), "float32") if c.kind != "launch" else 2e-5
-        for c in CASES
+        for c in SYNTHETIC
     ]
-    report = calibrate("cpu", cases=CASES, measured=times)
+    report = calibrate("cpu", cases=SYNTHETIC, measured=times)
     assert report.device.launch_latency == pytest.approx(2e-5)
     assert report.device.compute_efficiency == pytest.approx(0.5)
     assert report.device.memory_efficiency == pytest.approx(0.25)
     # the launch probe (one element) still moves 12 bytes: a hundredth of a percent
     assert report.mean_abs_pct_error == pytest.approx(0.0, abs=0.01)
-    assert [r.name for r in report.rows] == [c.name for c in CASES]
+    assert [r.name for r in report.rows] == [c.name for c in SYNTHETIC]
 
 
 def test_a_peak_below_the_measured_rate_is_raised_not_exceeded():
     fast = [1e-6, 1e-9, 1e-9, 1e-3, 1e-3]  # GEMMs far faster than the CPU table's peak
-    report = calibrate("cpu", cases=CASES, measured=fast)
+    report = calibrate("cpu", cases=SYNTHETIC, measured=fast)
     assert report.device.compute_efficiency == 1.0
     assert report.device.peak("float32") > DEVICES["cpu"].peak("float32")
 
