@@ -41,9 +41,11 @@ COMM = OpKind.COMM
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One kernel of a function vector.
+    """One kernel of a function vector: ``Op(name, kind, flops, bytes, duration_s, batch,
+    layer, ...)``.
 
-    ``duration_s`` is its solo duration (no contention). ``rows`` is the extent of the
+    ``duration_s`` is its solo duration (no contention); ``batch`` tags it primary or
+    secondary. ``rows`` is the extent of the
     dimension it may be split along (tokens or sequences; 0: not splittable) and
     ``fixed_bytes`` the part of ``bytes`` every piece still moves. ``collective`` and
     ``group`` describe a COMM op (``all_reduce`` over ``group`` devices, ...). ``device``
@@ -53,9 +55,9 @@ class Op:
 
     name: str
     kind: OpKind
-    duration_s: float
     flops: float = 0.0
     bytes: float = 0.0
+    duration_s: float = 0.0
     batch: BatchRole = PRIMARY
     layer: int = -1
     device: int = 0

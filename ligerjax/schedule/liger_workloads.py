@@ -97,7 +97,7 @@ def _compute(
     return Op(
         name,
         COMPUTE,
-        cost.op_duration(flops, nbytes, dtype),
+        duration_s=cost.op_duration(flops, nbytes, dtype),
         flops=flops,
         bytes=nbytes,
         rows=rows,
@@ -124,7 +124,7 @@ def _all_reduce(cost: CostModel, m: int, e: int, b: int, dtype: str, tp: int) ->
     return Op(
         "all_reduce",
         COMM,
-        cost.all_reduce(nbytes, tp),
+        duration_s=cost.all_reduce(nbytes, tp),
         bytes=nbytes,
         rows=m,
         dtype=dtype,
@@ -228,7 +228,7 @@ def pp_vector(
                 Op(
                     "send",
                     COMM,
-                    cost.permute(act),
+                    duration_s=cost.permute(act),
                     bytes=act,
                     layer=layer - 1,
                     device=s,

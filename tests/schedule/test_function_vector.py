@@ -23,7 +23,7 @@ TOY = DeviceSpec(
 
 
 def vec(*kinds: str) -> FunctionVector:
-    ops = [Op(f"op{i}", COMPUTE if k == "c" else COMM, 1.0) for i, k in enumerate(kinds)]
+    ops = [Op(f"op{i}", COMPUTE if k == "c" else COMM, duration_s=1.0) for i, k in enumerate(kinds)]
     return FunctionVector(tuple(ops), name="v")
 
 
@@ -50,7 +50,13 @@ def test_split_keeps_fixed_bytes_in_every_piece_and_recomputes_the_roofline():
     cost = CostModel(TOY, Contention.none())
     # 8 rows; 100 bytes of weights read by any piece, 80 bytes of activations shared out
     op = Op(
-        "gemm", COMPUTE, cost.op_duration(800, 180), flops=800, bytes=180, rows=8, fixed_bytes=100
+        "gemm",
+        COMPUTE,
+        duration_s=cost.op_duration(800, 180),
+        flops=800,
+        bytes=180,
+        rows=8,
+        fixed_bytes=100,
     )
     head, tail = split_op(op, 2, cost)
     assert (head.rows, tail.rows) == (2, 6)
@@ -64,7 +70,7 @@ def test_split_keeps_fixed_bytes_in_every_piece_and_recomputes_the_roofline():
 
 
 def test_split_without_roofline_data_scales_the_duration():
-    op = Op("x", COMPUTE, 2.0, rows=8)
+    op = Op("x", COMPUTE, duration_s=2.0, rows=8)
     head, tail = split_op(op, 3)
     assert (head.duration_s, tail.duration_s) == (0.75, 1.25)
     pieces = decompose(op, 4)
@@ -73,18 +79,23 @@ def test_split_without_roofline_data_scales_the_duration():
     assert decompose(op, 1) == (op,)
 
 
+def test_op_takes_the_briefs_positional_order():
+    op = Op("qkv", COMPUTE, 10.0, 20.0, 0.5, "secondary", 3)
+    assert (op.flops, op.bytes, op.duration_s, op.batch, op.layer) == (10, 20, 0.5, "secondary", 3)
+
+
 def test_bad_ops_and_splits_raise_value_error_naming_the_value():
     with pytest.raises(ValueError, match="bytes=-1"):
-        Op("x", COMPUTE, 1.0, bytes=-1)
+        Op("x", COMPUTE, duration_s=1.0, bytes=-1)
     with pytest.raises(ValueError, match=r"duration_s=-0\.5"):
-        Op("x", COMPUTE, -0.5)
+        Op("x", COMPUTE, duration_s=-0.5)
     with pytest.raises(ValueError, match="batch='tertiary'"):
-        Op("x", COMPUTE, 1.0, batch="tertiary")  # type: ignore[arg-type]
+        Op("x", COMPUTE, duration_s=1.0, batch="tertiary")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="collective='gossip'"):
-        Op("x", COMM, 1.0, collective="gossip")
+        Op("x", COMM, duration_s=1.0, collective="gossip")
     with pytest.raises(ValueError, match="rows=8"):
-        split_op(Op("x", COMPUTE, 1.0, rows=8), 8)
+        split_op(Op("x", COMPUTE, duration_s=1.0, rows=8), 8)
     with pytest.raises(ValueError, match="rows=0"):
-        split_op(Op("x", COMPUTE, 1.0), 1)
+        split_op(Op("x", COMPUTE, duration_s=1.0), 1)
     with pytest.raises(ValueError, match="k=9"):
-        decompose(Op("x", COMPUTE, 1.0, rows=8), 9)
+        decompose(Op("x", COMPUTE, duration_s=1.0, rows=8), 9)

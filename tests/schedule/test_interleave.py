@@ -25,18 +25,20 @@ LIGER = Contention(compute=1.25, comm=1.0)
 def layer(name: str, c: float = 1.0, m: float = 1.0, rows: int = 8) -> FunctionVector:
     return FunctionVector(
         (
-            Op("c1", COMPUTE, c, rows=rows),
-            Op("m1", COMM, m),
-            Op("c2", COMPUTE, c, rows=rows),
-            Op("m2", COMM, m),
+            Op("c1", COMPUTE, duration_s=c, rows=rows),
+            Op("m1", COMM, duration_s=m),
+            Op("c2", COMPUTE, duration_s=c, rows=rows),
+            Op("m2", COMM, duration_s=m),
         ),
         name=name,
     )
 
 
 def test_leftover_is_returned_for_the_next_step_when_not_appended():
-    sec = FunctionVector((Op("s1", COMPUTE, 2.0, rows=8),), name="s")
-    prim = FunctionVector((Op("c", COMPUTE, 1.0), Op("m", COMM, 1.0)), name="p")
+    sec = FunctionVector((Op("s1", COMPUTE, duration_s=2.0, rows=8),), name="s")
+    prim = FunctionVector(
+        (Op("c", COMPUTE, duration_s=1.0), Op("m", COMM, duration_s=1.0)), name="p"
+    )
     plan = interleave_greedy(prim, [sec], contention=LIGER, append_leftover=False)
     assert [op.name for op in plan.schedule.vectors[1]] == ["s1[0:3]"]
     assert [op.name for op in plan.leftover[0]] == ["s1[3:8]"]
@@ -45,9 +47,11 @@ def test_leftover_is_returned_for_the_next_step_when_not_appended():
 
 
 def test_a_blocked_secondary_closes_the_window_unless_skip_blocked():
-    big = FunctionVector((Op("big", COMPUTE, 5.0),), name="big")
-    small = FunctionVector((Op("small", COMPUTE, 0.4),), name="small")
-    prim = FunctionVector((Op("c", COMPUTE, 1.0), Op("m", COMM, 1.0)), name="p")
+    big = FunctionVector((Op("big", COMPUTE, duration_s=5.0),), name="big")
+    small = FunctionVector((Op("small", COMPUTE, duration_s=0.4),), name="small")
+    prim = FunctionVector(
+        (Op("c", COMPUTE, duration_s=1.0), Op("m", COMM, duration_s=1.0)), name="p"
+    )
     closed = interleave_greedy(prim, [big, small], contention=LIGER)
     assert closed.windows[1].placed == ()
     skipping = interleave_greedy(
@@ -57,8 +61,8 @@ def test_a_blocked_secondary_closes_the_window_unless_skip_blocked():
 
 
 def test_slack_lets_fills_overrun_the_window():
-    sec = FunctionVector((Op("s", COMPUTE, 0.84),), name="s")  # 1.05 s inflated
-    prim = FunctionVector((Op("m", COMM, 1.0),), name="p")
+    sec = FunctionVector((Op("s", COMPUTE, duration_s=0.84),), name="s")  # 1.05 s inflated
+    prim = FunctionVector((Op("m", COMM, duration_s=1.0),), name="p")
     assert interleave_greedy(prim, [sec], contention=LIGER).windows[0].placed == ()
     slack = InterleaveConfig(slack=0.05)
     assert len(interleave_greedy(prim, [sec], contention=LIGER, config=slack).windows[0].placed)

@@ -24,7 +24,12 @@ LIGER = Contention(compute=1.25, comm=1.0)
 def primary() -> FunctionVector:
     """Compute 1 s, one 1 s communication window, compute 1 s."""
     return FunctionVector(
-        (Op("c1", COMPUTE, 1.0), Op("m1", COMM, 1.0), Op("c2", COMPUTE, 1.0)), name="p"
+        (
+            Op("c1", COMPUTE, duration_s=1.0),
+            Op("m1", COMM, duration_s=1.0),
+            Op("c2", COMPUTE, duration_s=1.0),
+        ),
+        name="p",
     )
 
 
@@ -46,7 +51,7 @@ def test_sequential_vectors_run_back_to_back():
 
 
 def test_secondary_that_fits_completes_inside_the_window_and_the_primary_keeps_its_latency():
-    sec = FunctionVector((Op("s1", COMPUTE, 0.5),), name="s")
+    sec = FunctionVector((Op("s1", COMPUTE, duration_s=0.5),), name="s")
     tl = simulate(interleave_greedy(primary(), [sec], contention=LIGER).schedule, LIGER)
     s = spans(tl)
     assert s["s1"] == (1.0, pytest.approx(1.625))  # 0.5 s at 1/1.25 speed, inside m1
@@ -56,7 +61,7 @@ def test_secondary_that_fits_completes_inside_the_window_and_the_primary_keeps_i
 
 
 def test_secondary_that_does_not_fit_is_decomposed_and_the_rest_runs_after():
-    sec = FunctionVector((Op("s1", COMPUTE, 2.0, rows=8),), name="s")
+    sec = FunctionVector((Op("s1", COMPUTE, duration_s=2.0, rows=8),), name="s")
     plan = interleave_greedy(primary(), [sec], contention=LIGER)
     tl = simulate(plan.schedule, LIGER)
     s = spans(tl)
@@ -70,15 +75,19 @@ def test_secondary_that_does_not_fit_is_decomposed_and_the_rest_runs_after():
 
 
 def test_an_unsplittable_secondary_that_does_not_fit_waits_for_the_primary():
-    sec = FunctionVector((Op("s1", COMPUTE, 2.0),), name="s")
+    sec = FunctionVector((Op("s1", COMPUTE, duration_s=2.0),), name="s")
     tl = simulate(interleave_greedy(primary(), [sec], contention=LIGER).schedule, LIGER)
     assert spans(tl)["s1"] == (3.0, 5.0)
     assert tl.primary_latency == 3.0
 
 
 def test_secondary_communication_fills_a_primary_compute_window():
-    prim = FunctionVector((Op("c1", COMPUTE, 2.0), Op("m1", COMM, 1.0)), name="p")
-    sec = FunctionVector((Op("sm", COMM, 1.0), Op("sc", COMPUTE, 0.5)), name="s")
+    prim = FunctionVector(
+        (Op("c1", COMPUTE, duration_s=2.0), Op("m1", COMM, duration_s=1.0)), name="p"
+    )
+    sec = FunctionVector(
+        (Op("sm", COMM, duration_s=1.0), Op("sc", COMPUTE, duration_s=0.5)), name="s"
+    )
     tl = simulate(interleave_greedy(prim, [sec], contention=LIGER).schedule, LIGER)
     s = spans(tl)
     assert s["sm"] == (0.0, 1.0)  # comm is not slowed (LIGER.comm = 1)
@@ -88,8 +97,8 @@ def test_secondary_communication_fills_a_primary_compute_window():
 
 
 def test_contention_inflates_only_the_overlapped_part():
-    a = FunctionVector((Op("a", COMPUTE, 1.0),), name="a")
-    b = FunctionVector((Op("b", COMM, 0.5),), name="b")
+    a = FunctionVector((Op("a", COMPUTE, duration_s=1.0),), name="a")
+    b = FunctionVector((Op("b", COMM, duration_s=0.5),), name="b")
     tl = simulate(Schedule.sequential([a, b]), Contention(compute=2.0, comm=2.0))
     s = spans(tl)
     assert s["b"] == (0.0, 1.0)  # 0.5 s of work at half speed
@@ -99,8 +108,8 @@ def test_contention_inflates_only_the_overlapped_part():
 
 
 def test_release_times_and_start_after_hold_ops_back():
-    a = FunctionVector((Op("a", COMPUTE, 1.0),), name="a")
-    b = FunctionVector((Op("b", COMM, 1.0),), name="b")
+    a = FunctionVector((Op("a", COMPUTE, duration_s=1.0),), name="a")
+    b = FunctionVector((Op("b", COMM, duration_s=1.0),), name="b")
     tl = simulate(Schedule.sequential([a, b], release_s=[0.0, 2.5]), LIGER)
     assert spans(tl)["b"] == (2.5, 3.5)
     assert tl.latency_s == (1.0, 1.0)
@@ -115,9 +124,9 @@ def test_pipeline_stages_overlap_across_devices():
     def request(name):
         return FunctionVector(
             (
-                Op("s0", COMPUTE, 1.0, device=0),
-                Op("send", COMM, 0.5, device=0),
-                Op("s1", COMPUTE, 1.0, device=1),
+                Op("s0", COMPUTE, duration_s=1.0, device=0),
+                Op("send", COMM, duration_s=0.5, device=0),
+                Op("s1", COMPUTE, duration_s=1.0, device=1),
             ),
             name=name,
         )
@@ -128,7 +137,9 @@ def test_pipeline_stages_overlap_across_devices():
 
 
 def test_deadlocks_and_bad_schedules_raise_value_error():
-    v = FunctionVector((Op("a", COMPUTE, 1.0), Op("b", COMPUTE, 1.0)), name="v")
+    v = FunctionVector(
+        (Op("a", COMPUTE, duration_s=1.0), Op("b", COMPUTE, duration_s=1.0)), name="v"
+    )
     with pytest.raises(ValueError, match="deadlocks"):
         simulate(Schedule((v,), ((0, 1), (0, 0))), LIGER)
     with pytest.raises(ValueError, match="appears twice"):
@@ -142,7 +153,7 @@ def test_deadlocks_and_bad_schedules_raise_value_error():
 
 
 def test_chrome_trace_is_trace_event_json(tmp_path):
-    sec = FunctionVector((Op("s1", COMPUTE, 0.5),), name="s")
+    sec = FunctionVector((Op("s1", COMPUTE, duration_s=0.5),), name="s")
     tl = simulate(interleave_greedy(primary(), [sec], contention=LIGER).schedule, LIGER)
     path = tl.to_chrome_trace(tmp_path / "t.json")
     doc = json.loads(path.read_text())
