@@ -25,8 +25,9 @@ every request is a batch of 2 sequences whose length is drawn uniformly from [16
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -40,7 +41,9 @@ from ligerjax.schedule.function_vector import (
     Op,
 )
 
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1}
+_ITEMSIZE: Mapping[str, int] = MappingProxyType(
+    {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3fn": 1}
+)
 
 
 @dataclass(frozen=True)

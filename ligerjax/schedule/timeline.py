@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 from tqdm.auto import tqdm
@@ -46,8 +47,8 @@ log = logging.getLogger(__name__)
 
 Stream = tuple[int, OpKind]  # (device, kind)
 PROGRESS_MIN_OPS = 50_000  # show a progress bar from this many ops on (progress=None)
-_TID = {COMPUTE: 0, COMM: 1}
-COLORS = {PRIMARY: "#1f77b4", SECONDARY: "#ff7f0e"}
+_TID: Mapping[OpKind, int] = MappingProxyType({COMPUTE: 0, COMM: 1})  # trace thread ids
+COLORS: Mapping[str, str] = MappingProxyType({PRIMARY: "#1f77b4", SECONDARY: "#ff7f0e"})
 
 
 class OpRef(NamedTuple):
