@@ -30,16 +30,26 @@ class PassContext:
     """What every pass may read: the mesh, axis names, partition rules and debug switches.
 
     ``partition_rules`` is a sequence of ``(regex, split_dim | None)`` matched against
-    parameter paths; they take precedence over a pass's defaults.
+    parameter paths; they take precedence over a pass's defaults. ``pp_axis`` names the
+    mesh axis the pipeline pass puts stages on (None: no pipeline), cut into
+    ``num_microbatches`` micro-batches; ``cost_model`` (a ``ligerjax.cost.CostModel``)
+    prices ops for stage balancing and interleaving (None: the passes' default).
     """
 
     mesh: jax.sharding.Mesh | None = None
     tp_axis: str = "tp"
+    pp_axis: str | None = None
+    num_microbatches: int = 1
+    cost_model: Any = None
     partition_rules: tuple[tuple[str, int | None], ...] = ()
     debug: bool = False
     dump_dir: str | None = None
     atol: float = 1e-5
     rtol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.num_microbatches < 1:
+            raise ValueError(f"PassContext.num_microbatches={self.num_microbatches}: must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@
 copy-on-write copies and swap-ins first, then one jitted program,
 ``logits, kv_pages = step(weights, kv_pages, batch)``, over the scheduled sequences' new
 tokens packed into one row, then the sampler. The packed row is padded to a token bucket
-(powers of two and their midpoints, from ``min_tokens`` up to ``max_num_batched_tokens``),
+(powers of two and their midpoints, from ``min_token_bucket`` up to ``max_num_batched_tokens``),
 and every other shape follows from that bucket (sequence rows: ``min(T, max_num_seqs)``
 rounded up; block tables: ``max_model_len / block_size`` wide), so a handful of programs
 serve every step and a steady decode never recompiles. Weights are jit arguments, the
@@ -49,7 +49,7 @@ class ModelRunnerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     num_host_blocks: int = 0
-    min_tokens: int = 16  # smallest token bucket
+    min_token_bucket: int = 16  # smallest token bucket
     kv_dtype: str | None = None  # default: the model's dtype
 
     def __post_init__(self) -> None:
@@ -60,7 +60,7 @@ class ModelRunnerConfig:
             ("max_num_batched_tokens", 1),
             ("max_model_len", 1),
             ("num_host_blocks", 0),
-            ("min_tokens", 1),
+            ("min_token_bucket", 1),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -74,7 +74,7 @@ class ModelRunnerConfig:
         """Padded token counts a step can have, smallest first: powers of two and the
         midpoints between them (16, 24, 32, 48, ...), so padding wastes at most a third."""
         top = _pow2(self.max_num_batched_tokens)
-        buckets, b = [], min(_pow2(self.min_tokens), top)
+        buckets, b = [], min(_pow2(self.min_token_bucket), top)
         while b < top:
             buckets.append(b)
             if b >= 16:

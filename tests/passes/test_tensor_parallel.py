@@ -87,32 +87,10 @@ def test_weight_dim_that_does_not_divide_raises():
         tensor_parallel(traced, PassContext(mesh=_mesh(4), partition_rules=rules))
 
 
-class StockTransformer(nnx.Module):
-    """A decoder block of stock flax.nnx layers."""
-
-    def __init__(self, rngs: nnx.Rngs):
-        self.embed = nnx.Embed(50, 32, rngs=rngs)
-        self.ln1 = nnx.LayerNorm(32, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(
-            num_heads=4, in_features=32, decode=False, dropout_rate=0.0, rngs=rngs
-        )
-        self.ln2 = nnx.RMSNorm(32, rngs=rngs)
-        self.fc1 = nnx.Linear(32, 64, rngs=rngs)
-        self.fc2 = nnx.Linear(64, 32, rngs=rngs)
-
-    def __call__(self, tokens):
-        x = self.embed(tokens)
-        mask = nnx.make_causal_mask(tokens)
-        x = x + self.attn(self.ln1(x), mask=mask, deterministic=True)
-        return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
-
-
 @pytest.mark.parametrize("n", [2, 4])
-def test_stock_flax_transformer(n):
-    model = StockTransformer(nnx.Rngs(1))
-    tokens = jnp.arange(10, dtype=jnp.int32).reshape(2, 5)
+def test_stock_flax_transformer(n, stock_transformer):
+    model, (tokens,), rules = stock_transformer
     traced = trace_module(model, tokens)
-    rules = ((r"fc1\.kernel$", 1), (r"fc1\.bias$", 0), (r"fc2\.kernel$", 0))
     ctx = PassContext(mesh=_mesh(n), partition_rules=rules, debug=True)
     program, (report,) = PassManager([tensor_parallel_pass]).run(traced, ctx)
     _close(program(traced.weights, tokens), model(tokens))
@@ -120,29 +98,11 @@ def test_stock_flax_transformer(n):
     assert ir.count_primitives(program.jaxpr)["psum"] == 2
 
 
-class MLPStack(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.layers = nnx.List([nnx.Linear(16, 16, rngs=rngs) for _ in range(4)])
-
-    def __call__(self, x):
-        for layer in self.layers:
-            x = jax.nn.relu(layer(x))
-        return x
-
-
-MLP_RULES = (
-    (r"layers\.[02]\.kernel$", 1),
-    (r"layers\.[02]\.bias$", 0),
-    (r"layers\.[13]\.kernel$", 0),
-)
-
-
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_mlp_stack(n):
-    model = MLPStack(nnx.Rngs(2))
-    x = jax.random.normal(jax.random.key(0), (3, 16))
+def test_mlp_stack(n, mlp_stack):
+    model, (x,), rules = mlp_stack
     traced = trace_module(model, x)
-    ctx = PassContext(mesh=_mesh(n), partition_rules=MLP_RULES, debug=True)
+    ctx = PassContext(mesh=_mesh(n), partition_rules=rules, debug=True)
     program, (report,) = PassManager([tensor_parallel_pass]).run(traced, ctx)
     _close(program(traced.weights, x), model(x))
     assert ir.count_primitives(program.jaxpr)["psum"] == 2
