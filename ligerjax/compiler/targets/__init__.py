@@ -1,0 +1,1 @@
+"""GpuTargetConfigProto text files for deviceless GPU compiles (package data)."""
