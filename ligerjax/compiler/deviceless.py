@@ -36,6 +36,11 @@ Measured facts (2026-11-30, jax 0.10.2, jax-cuda12-plugin 0.10.2, deviceless, th
   batches with ``optimization_barrier``); :mod:`ligerjax.schedule.hlo_schedule` recovers the
   scopes of such a collective from its operands (``Instr.scopes``), so a merged one is seen
   as both primary and secondary rather than as neither.
+* On the H100 target every collective kind comes out as a start/done pair:
+  ``all-gather-start/done``, ``reduce-scatter-start/done``, ``all-to-all-start/done``,
+  ``collective-permute-start/done`` (XLA marks a pair ``"is_sync":true`` when nothing can
+  overlap it). A ``compute_on("gpu_stream:1")`` jitted function becomes
+  ``call-start/call-done`` with ``_xla_stream_annotation="1"``.
 * Compile seconds on this 2-core machine for a 4-device step (a 32-token primary MLP pair
   with its psum and a 2048-token secondary pair of [4096, 4096] bf16 GEMMs): H100 ~0.9 s,
   A100 ~0.65 s; topology + mesh ~0.1 s.

@@ -96,6 +96,7 @@ FREE_OPCODES = frozenset(
         "opt-barrier",
         "add-dependency",
         "domain",
+        "async-update",
     }
 )
 # opcode (without -start/-done) -> CostModel collective
@@ -110,6 +111,7 @@ COLLECTIVE_KINDS: Mapping[str, str] = MappingProxyType(
         "collective-broadcast": "all_gather",
     }
 )
+COMM_KINDS = frozenset(COLLECTIVE_KINDS.values())
 ASYNC_SUFFIXES = ("-start", "-done")
 
 
@@ -339,8 +341,9 @@ def parse_instr(line: str, index: int) -> Instr | None:
     operand_text = rest[open_at + 1 : close_at - 1]
     operands: tuple[str, ...] = ()
     if opcode != "constant":
+        # "%name", or "name", or the long form "f32[2]{0} %name": the name is the last token
         operands = tuple(
-            found[-1] for part in _split_top(operand_text) if (found := _names(part) or (part,))
+            (_names(part) or (part.split()[-1],))[-1] for part in _split_top(operand_text)
         )
     attrs: dict[str, str] = {}
     for part in _split_top(rest[close_at:]):
@@ -398,7 +401,7 @@ class AsyncPair:
     done: str
     start_index: int
     done_index: int
-    kind: str  # a CostModel collective ("all_reduce", ...) or "call" for async compute
+    kind: str  # a CostModel collective ("all_reduce", ...), "call" (async compute) or "copy"
 
 
 @dataclass(frozen=True)
@@ -435,6 +438,8 @@ class HloModule:
         computation that holds no collective, ``""`` for anything else."""
         if instr.base_opcode in COLLECTIVE_KINDS:
             return COLLECTIVE_KINDS[instr.base_opcode]
+        if instr.base_opcode == "copy" and (instr.is_start or instr.is_done):
+            return "copy"
         if instr.base_opcode in ("async", "call"):
             for called in instr.called:
                 comp = self.computations.get(called)
@@ -640,7 +645,7 @@ def instr_cost(module: HloModule, comp: Computation, instr: Instr, cost: CostMod
         return InstrCost("free", 0.0)
     if instr.is_done:
         return InstrCost("marker", 0.0)
-    if instr.is_collective or (instr.is_start and module.kind(instr) not in ("", "call")):
+    if instr.is_collective or (instr.is_start and module.kind(instr) in COMM_KINDS):
         return collective_cost(module, instr, cost)
     if instr.opcode in ("call", "call-start") or (instr.is_start and module.kind(instr) == "call"):
         duration = sum(computation_duration(module, c, cost) for c in instr.called)
@@ -684,7 +689,15 @@ class CollectiveRecord:
 
     @property
     def exposed_s(self) -> float:
+        """Collective time no compute hides."""
         return self.duration_s - self.covered_s
+
+    @property
+    def overrun_s(self) -> float:
+        """Compute inside beyond the collective: how long the done waits for work the
+        scheduler put in the window (XLA readily puts whole secondary layers into a tiny
+        primary window, which delays whatever depends on the done)."""
+        return max(0.0, self.compute_inside_s - self.duration_s)
 
 
 @dataclass(frozen=True)
@@ -699,6 +712,16 @@ class Coverage:
     @property
     def selected(self) -> tuple[CollectiveRecord, ...]:
         return tuple(r for r in self.records if r.selected)
+
+    @property
+    def exposed_s(self) -> float:
+        """Selected collective time left uncovered."""
+        return self.total_s - self.covered_s
+
+    @property
+    def overrun_s(self) -> float:
+        """Summed :attr:`CollectiveRecord.overrun_s` of the selected collectives."""
+        return sum(r.overrun_s for r in self.selected)
 
     def __str__(self) -> str:
         lines = [
@@ -734,7 +757,7 @@ def _collectives(module: HloModule) -> Iterator[tuple[Instr, AsyncPair | None]]:
     for instr in module.entry.instrs:
         if instr.is_start:
             pair = module.done_of.get(instr.name)
-            if module.kind(instr) not in ("", "call"):
+            if module.kind(instr) in COMM_KINDS:
                 yield instr, pair
         elif instr.is_collective and not instr.is_done:
             yield instr, None

@@ -170,6 +170,8 @@ def test_covered_time_is_capped_by_the_collective_duration():
     primary = cov.selected[0]
     assert primary.compute_inside_s > primary.duration_s
     assert primary.covered_s == primary.duration_s and cov.coverage == pytest.approx(1.0)
+    assert primary.overrun_s == pytest.approx(primary.compute_inside_s - primary.duration_s)
+    assert cov.overrun_s == primary.overrun_s and cov.exposed_s == pytest.approx(0.0)
 
 
 # A merged all-reduce of both batches (XLA's combiner) and an async call on stream 1.
@@ -290,3 +292,58 @@ def test_secondary_gemms_run_inside_the_primary_all_reduce(target):
     ]
     assert len(secondary_gemms) == 2
     assert cov.coverage > 0
+
+
+@pytest.mark.deviceless
+def test_every_async_collective_kind_pairs_and_is_priced_on_h100():
+    from ligerjax.compiler.deviceless import compile_text, gpu_mesh
+
+    mesh = gpu_mesh("h100", 4)
+    ring = [(i, (i + 1) % 4) for i in range(4)]
+
+    def step(x, w, y):
+        g = jax.lax.all_gather(x, "tp", tiled=True)  # [512, 1024]
+        r = jax.lax.psum_scatter(g @ w, "tp", tiled=True)  # [128, 1024]
+        return jax.lax.ppermute(r, "tp", ring), jax.lax.all_to_all(y, "tp", 0, 1, tiled=True)
+
+    fn = jax.shard_map(
+        step, mesh=mesh, in_specs=(P("tp"), P(), P("tp")), out_specs=(P("tp"), P("tp"))
+    )
+
+    def arg(shape, spec):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+
+    text = compile_text(
+        fn,
+        arg((512, 1024), P("tp")),
+        arg((1024, 1024), P()),
+        arg((1024, 1024), P("tp")),
+        target="h100",
+    ).text
+    module = parse_hlo(text)
+    assert {p.kind for p in module.pairs} == {
+        "all_gather",
+        "reduce_scatter",
+        "permute",
+        "all_to_all",
+    }
+    cost = CostModel.for_device("h100-sxm")
+    by_kind = {r.kind: r for r in overlap_coverage(module, cost).records}
+    mib = 512 * 1024 * 2  # the gathered all-gather output, the reduce-scatter input
+    assert by_kind["all_gather"].duration_s == pytest.approx(cost.all_gather(mib, 4))
+    assert by_kind["reduce_scatter"].duration_s == pytest.approx(cost.reduce_scatter(mib, 4))
+    assert by_kind["permute"].duration_s == pytest.approx(cost.permute(mib // 4))
+
+
+def test_long_form_operands_and_async_copies_are_read():
+    text = (
+        "HloModule m\n\nENTRY %e (a: f32[4]) -> f32[4] {\n"
+        "  a = f32[4]{0} parameter(0)\n"
+        "  cs = (f32[4]{0}, f32[4]{0}, u32[]) copy-start(f32[4]{0} a)\n"
+        "  cd = f32[4]{0} copy-done((f32[4]{0}, f32[4]{0}, u32[]) cs)\n"
+        "  ROOT n = f32[4]{0} negate(f32[4]{0} cd)\n}\n"
+    )
+    module = parse_hlo(text)
+    assert module.entry["cd"].operands == ("cs",) and module.entry["n"].operands == ("cd",)
+    assert [(p.start, p.done, p.kind) for p in module.pairs] == [("cs", "cd", "copy")]
+    assert overlap_coverage(module, TOY).records == ()
