@@ -356,7 +356,8 @@ def parse_instr(line: str, index: int) -> Instr | None:
     called: list[str] = []
     for key in _CALL_ATTRS:
         if key in attrs:
-            called.extend(_names(attrs[key]) or (attrs[key],))
+            raw = attrs[key]
+            called.extend(_names(raw) or [n.strip() for n in raw.strip("{}").split(",")])
     return Instr(
         name=name,
         opcode=opcode,

@@ -231,6 +231,8 @@ def test_parser_tolerates_tuples_layouts_and_comments():
     assert instr.operands == ("a", "b.2", "c") and instr.op_name == "x/y"
     assert parse_shape("bf16[2,4]{1,0}")[0].nbytes == 16
     assert parse_instr("FileNames", 0) is None
+    cond = parse_instr("c = f32[] conditional(p, a, b), branch_computations={br0, br1}", 0)
+    assert cond is not None and cond.called == ("br0", "br1")
 
 
 # -- real deviceless compiles ----------------------------------------------------------------
