@@ -3,16 +3,75 @@
 Models call :func:`attention` instead of writing softmax(QKᵀ)V by hand, so that the
 ``attention`` pass finds every attention as one ``pjit`` equation named
 ``ligerjax_attention`` and can route it to the right kernel.
+
+The static knobs of an attention call survive ``jax.make_jaxpr`` in the jaxpr itself: the
+``ligerjax_attention`` equation's body is one ``pjit`` named
+``ligerjax_attention.causal_<True|False>.sm_scale_<repr(float)>`` (see
+:func:`attention_params_name`), so a pass reads them with :func:`attention_params` instead of
+running the body.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 ATTENTION_NAME = "ligerjax_attention"
+_PARAMS_NAME = re.compile(
+    rf"^{ATTENTION_NAME}\.causal_(?P<causal>True|False)\.sm_scale_(?P<sm_scale>[-+0-9.eEinfa]+)$"
+)
+
+
+class AttentionParams(NamedTuple):
+    """The static knobs of one ``ligerjax_attention`` call."""
+
+    causal: bool
+    sm_scale: float
+
+
+def attention_params_name(causal: bool, sm_scale: float) -> str:
+    """The name of the ``pjit`` that carries ``(causal, sm_scale)`` (``repr`` round-trips)."""
+    return f"{ATTENTION_NAME}.causal_{bool(causal)}.sm_scale_{float(sm_scale)!r}"
+
+
+def parse_attention_params_name(name: str | None) -> AttentionParams | None:
+    """``(causal, sm_scale)`` from an :func:`attention_params_name` name; None otherwise."""
+    m = _PARAMS_NAME.match(name or "")
+    if m is None:
+        return None
+    return AttentionParams(m["causal"] == "True", float(m["sm_scale"]))
+
+
+def is_attention(eqn: Any) -> bool:
+    """Whether a jaxpr equation is a ``ligerjax_attention`` call (by its pjit name)."""
+    from ligerjax.compiler import ir
+
+    name = ir.eqn_name(eqn)
+    return name == ATTENTION_NAME or parse_attention_params_name(name) is not None
+
+
+def attention_params(eqn: Any) -> AttentionParams | None:
+    """``(causal, sm_scale)`` of a ``ligerjax_attention`` equation, read from the jaxpr.
+
+    None when ``eqn`` is not an attention call or was traced before the knobs were written
+    into the jaxpr. Nothing is run.
+    """
+    from ligerjax.compiler import ir
+
+    name = ir.eqn_name(eqn)
+    own = parse_attention_params_name(name)
+    if own is not None or name != ATTENTION_NAME:
+        return own
+    body = ir.call_jaxpr(eqn)
+    if body is None:
+        return None
+    found = {parse_attention_params_name(ir.eqn_name(e)) for e in body.jaxpr.eqns}
+    found.discard(None)
+    return found.pop() if len(found) == 1 else None
 
 
 def attention(
@@ -47,10 +106,25 @@ def attention(
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale"))
 def ligerjax_attention(q, k, v, q_positions, kv_lengths, *, causal, sm_scale):
-    """The traced attention call: its jaxpr equation is a ``pjit`` named after this function."""
-    from ligerjax.kernels.dispatch import attention_fallback
+    """The traced attention call: its jaxpr equation is a ``pjit`` named after this function.
 
-    return attention_fallback(q, k, v, q_positions, kv_lengths, causal=causal, sm_scale=sm_scale)
+    Its body is one ``pjit`` named :func:`attention_params_name` ``(causal, sm_scale)`` that
+    runs :func:`ligerjax.kernels.dispatch.dense_attention` (Pallas flash attention when
+    lowered for a GPU, the blockwise fallback on CPU; chosen at lowering time).
+    """
+    return _dispatched_attention(bool(causal), float(sm_scale))(q, k, v, q_positions, kv_lengths)
+
+
+@functools.lru_cache(maxsize=256)
+def _dispatched_attention(causal: bool, sm_scale: float):
+    """The jitted dispatching call, named after its knobs so that they stay readable."""
+    from ligerjax.kernels.dispatch import dense_attention
+
+    def run(q, k, v, q_positions, kv_lengths):
+        return dense_attention(q, k, v, q_positions, kv_lengths, causal=causal, sm_scale=sm_scale)
+
+    run.__name__ = run.__qualname__ = attention_params_name(causal, sm_scale)
+    return jax.jit(run)
 
 
 _attention_call = ligerjax_attention
