@@ -10,7 +10,9 @@ __version__ = "0.1.0"
 # Public names, imported on first use so that `import ligerjax.ops` stays light.
 _LAZY = {
     "LLM": "ligerjax.api",
-    "ligerize": "ligerjax.api",
+    "ligerize": "ligerjax.ligerized",
+    "Ligerized": "ligerjax.ligerized",
+    "Schedule": "ligerjax.plan",
     "SamplingParams": "ligerjax.sampling_params",
     "RequestOutput": "ligerjax.outputs",
     "CompletionOutput": "ligerjax.outputs",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -45,6 +45,7 @@ class Traced:
     out_treedef: Any
     jaxpr: ir.ClosedJaxpr
     example_args: tuple[Any, ...]
+    call: Callable[..., Any] | None = None
 
     @property
     def num_weights(self) -> int:
@@ -55,7 +56,7 @@ class Traced:
         ws, xs = flat[: self.num_weights], flat[self.num_weights :]
         state = jax.tree_util.tree_unflatten(self.state_treedef, ws)
         args = jax.tree_util.tree_unflatten(self.args_treedef, xs)
-        out = nnx.merge(self.graphdef, state)(*args)
+        out = _apply(self.call, nnx.merge(self.graphdef, state), args)
         return jax.tree_util.tree_leaves(out)
 
     def __call__(self, weights: Sequence[jax.Array], *args: Any) -> Any:
@@ -65,8 +66,16 @@ class Traced:
         return jax.tree_util.tree_unflatten(self.out_treedef, outs)
 
 
-def trace_module(model: nnx.Module, *example_args: Any) -> Traced:
-    """Trace ``model(*example_args)`` with the model's state as explicit jaxpr inputs."""
+def _apply(call: Callable[..., Any] | None, model: nnx.Module, args: Sequence[Any]) -> Any:
+    return model(*args) if call is None else call(model, *args)
+
+
+def trace_module(
+    model: nnx.Module, *example_args: Any, call: Callable[..., Any] | None = None
+) -> Traced:
+    """Trace ``model(*example_args)`` (or ``call(model, *example_args)``) with the model's
+    state as explicit jaxpr inputs. Weights and arguments may be ``jax.ShapeDtypeStruct``s
+    (an abstract model from ``nnx.eval_shape``): tracing reads only shapes."""
     graphdef, state = nnx.split(model)
     with_path, state_treedef = jax.tree_util.tree_flatten_with_path(state)
     paths = tuple(param_path(p) for p, _ in with_path)
@@ -77,7 +86,7 @@ def trace_module(model: nnx.Module, *example_args: Any) -> Traced:
     def step(*flat: Any) -> list[Any]:
         ws, xs = flat[: len(weights)], flat[len(weights) :]
         m = nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_treedef, ws))
-        out = m(*jax.tree_util.tree_unflatten(args_treedef, xs))
+        out = _apply(call, m, jax.tree_util.tree_unflatten(args_treedef, xs))
         leaves, treedef = jax.tree_util.tree_flatten(out)
         out_box.append(treedef)
         return leaves
@@ -92,4 +101,5 @@ def trace_module(model: nnx.Module, *example_args: Any) -> Traced:
         out_treedef=out_box[0],
         jaxpr=jaxpr,
         example_args=tuple(example_args),
+        call=call,
     )
