@@ -312,48 +312,57 @@ class _Walk:
         return uses[0] if len(uses) == 1 else None
 
 
-def _row_stat(walk: _Walk, reduced: Any, x: _View, axis: int) -> Any:
-    """Follow a reduction of ``x`` over ``axis`` through keepdims/broadcast/stop_gradient."""
+def _row_stat(
+    walk: _Walk, reduced: Any, base: tuple[int, ...], axis: int, target: tuple[int, ...]
+) -> Any:
+    """Follow ``reduced`` (``base`` reduced over ``axis``) through keepdims, transposes,
+    broadcasts and stop_gradient to a value aligned with a consumer whose axes are ``target``
+    (each an axis of ``base``); that var, or None."""
     flat, cur = walk.flat, reduced
-    shape = x.shape
-    row = tuple(n for d, n in enumerate(shape) if d != axis)
-    keep = tuple(d for d in range(len(shape)) if d != axis)
-
-    def is_row(s: tuple[int, ...]) -> bool:
-        return s == row or (
-            len(s) == len(shape)
-            and s[axis] in (1, shape[axis])
-            and all(s[d] == shape[d] for d in keep)
-        )
-
+    src: list[int | None] = [d for d in range(len(base)) if d != axis]  # base axis of each
     while len(uses := flat.uses(cur)) == 1:
         eqn = flat.eqns[uses[0]]
         name, out = eqn.primitive.name, eqn.outvars[0]
         s_in, s_out = tuple(cur.aval.shape), tuple(out.aval.shape)
-        if name == "max" and len(eqn.invars) == 2:  # jnp.max(..., initial=-inf)
+        if len(eqn.invars) == 2 and name == "max":  # jnp.max(..., initial=-inf)
             other = eqn.invars[1] if eqn.invars[0] is cur else eqn.invars[0]
             if _uniform(flat.const(other)) != -math.inf or s_out != s_in:
                 break
-        elif name == "broadcast_in_dim" and len(eqn.invars) == 1 and len(s_out) == len(shape):
-            bdims = tuple(eqn.params["broadcast_dimensions"])
-            if s_in == row:
-                ok = bdims == keep
-            else:
-                ok = len(s_in) == len(shape) and bdims == tuple(range(len(shape)))
-            if not ok or not is_row(s_out):
+        elif name == "transpose":
+            src = [src[a] for a in eqn.params["permutation"]]
+        elif name == "broadcast_in_dim" and len(eqn.invars) == 1:
+            new: list[int | None] = [None] * len(s_out)
+            for j, d in enumerate(eqn.params["broadcast_dimensions"]):
+                new[d] = src[j]
+            src = new
+        elif name == "reshape" and eqn.params.get("dimensions") is None:
+            where = _unit_reshape(s_in, s_out, {str(j): j for j in range(len(s_in))})
+            if where is None:
                 break
-        elif name == "reshape" and s_in == row:
-            if len(s_out) != len(shape) or s_out[axis] != 1 or not is_row(s_out):
-                break
+            new = [None] * len(s_out)
+            for j in range(len(s_in)):
+                if where[str(j)] is not None:
+                    new[where[str(j)]] = src[j]
+            src = new
         elif name != "stop_gradient":
             break
         walk.take(uses[0])
         cur = out
-    return cur if len(cur.aval.shape) == len(shape) and is_row(tuple(cur.aval.shape)) else None
+    shape = tuple(cur.aval.shape)
+    if len(shape) != len(target):
+        return None
+    for i, t in enumerate(target):
+        if src[i] == t or (src[i] is None and t == axis) or (shape[i] == 1 and base[t] == 1):
+            continue
+        return None
+    return cur
 
 
 def _softmax(walk: _Walk, x: _View) -> tuple[_View, str] | None:
-    """``softmax(x)`` over the ``lhs`` or ``rhs`` axis of ``x``: (probabilities, that role)."""
+    """``softmax(x)`` over the ``lhs`` or ``rhs`` axis of ``x``: (probabilities, that role).
+
+    The normalised tensor may be ``x`` or a transpose of it (``jnp`` broadcasting moves axes).
+    """
     flat = walk.flat
     i_max = walk.user(x.var, "reduce_max")
     if i_max is None:
@@ -365,23 +374,37 @@ def _softmax(walk: _Walk, x: _View) -> tuple[_View, str] | None:
     if role is None:
         return None
     axis = x.roles[role]
-    m = _row_stat(walk, walk.take(i_max).outvars[0], x, axis)
-    i_sub = walk.user(x.var, "sub")
-    if m is None or i_sub is None or flat.eqns[i_sub].invars != [x.var, m]:
-        return None
-    d = walk.take(i_sub).outvars[0]
-    i_exp = walk.user(d, "exp")
-    if i_exp is None:
-        return None
-    e = walk.take(i_exp).outvars[0]
-    i_sum = walk.user(e, "reduce_sum")
-    if i_sum is None or tuple(flat.eqns[i_sum].params["axes"]) != (axis,):
-        return None
-    z = _row_stat(walk, walk.take(i_sum).outvars[0], x, axis)
-    i_div = walk.user(e, "div")
-    if z is None or i_div is None or flat.eqns[i_div].invars != [e, z]:
-        return None
-    return _View(walk.take(i_div).outvars[0], x.roles), role
+    m_red = walk.take(i_max).outvars[0]
+    ys = [(x, tuple(range(len(x.shape))))]
+    for i in flat.uses(x.var):
+        eqn = flat.eqns[i]
+        if eqn.primitive.name == "transpose" and (y := _view_forward(eqn, x)) is not None:
+            ys.append((y, tuple(eqn.params["permutation"])))
+    for y, y_src in ys:
+        i_sub = walk.user(y.var, "sub")
+        if i_sub is None or flat.eqns[i_sub].invars[0] is not y.var:
+            continue
+        if y is not x:
+            walk.take(flat.producer[y.var])
+        m = _row_stat(walk, m_red, x.shape, axis, y_src)
+        if m is None or flat.eqns[i_sub].invars != [y.var, m]:
+            return None
+        d = walk.take(i_sub).outvars[0]
+        i_exp = walk.user(d, "exp")
+        if i_exp is None:
+            return None
+        e = walk.take(i_exp).outvars[0]
+        y_axis = y.roles[role]
+        i_sum = walk.user(e, "reduce_sum")
+        if i_sum is None or tuple(flat.eqns[i_sum].params["axes"]) != (y_axis,):
+            return None
+        ident = tuple(range(len(y.shape)))
+        z = _row_stat(walk, walk.take(i_sum).outvars[0], y.shape, y_axis, ident)
+        i_div = walk.user(e, "div")
+        if z is None or i_div is None or flat.eqns[i_div].invars != [e, z]:
+            return None
+        return _View(walk.take(i_div).outvars[0], y.roles), role
+    return None
 
 
 _UNKNOWN_MASK = "unknown"
