@@ -15,7 +15,8 @@ stage's weights: per dtype, every stage's (tensor-parallel local) weights are fl
 into one buffer, padded to the largest stage and stacked ``[pp, (tp,) L]`` sharded over
 ``pp`` (and ``tp``); a stage slices its weights back out of its shard. The schedule is
 GPipe's forward pass, unrolled: ``m + pp - 1`` ticks; at tick ``t`` the device of stage
-``s`` runs micro-batch ``t - s`` (``lax.switch`` on ``axis_index(pp)``), then
+``s`` runs micro-batch ``t - s`` (``lax.switch`` on ``axis_index(pp)``; an idle branch
+in the pipeline bubble), then
 ``ppermute`` moves every carried value from stage ``s`` to ``s + 1`` (no move after the
 last tick). The outputs are stacked over ``pp`` and the host keeps the last stage's.
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -359,7 +359,7 @@ class PPProgram:
     carried: tuple[jax.ShapeDtypeStruct, ...]  # sent stage -> stage per micro-batch
     buffer_specs: tuple[PartitionSpec, ...]  # one flat weight buffer per dtype
     weight_bytes_per_device: int
-    total_weight_bytes: int  # of the source program's weights on one pp group device
+    total_weight_bytes: int  # every stage's weights on one device (tp-local): no pp
     predicted_s: float  # (m + pp - 1) ticks of the slowest stage plus a hop
     report: PassReport
     _pack: Callable[..., Any] = dataclasses.field(repr=False, compare=False)
@@ -434,51 +434,141 @@ def _pad_spec(spec: PartitionSpec | None, ndim: int) -> tuple[Any, ...]:
     return entries + (None,) * (ndim - len(entries))
 
 
-def _local_block(x: Any, spec: tuple[Any, ...], axis: str, rank: int, n: int) -> Any:
+def _local_block(x: Any, spec: tuple[Any, ...], axis: str | None, rank: int, n: int) -> Any:
+    """Tensor-parallel rank ``rank``'s block of a global weight."""
     for d, name in enumerate(spec):
-        if name == axis:
+        if axis is not None and name == axis:
             size = x.shape[d] // n
             return jax.lax.slice_in_dim(x, rank * size, (rank + 1) * size, axis=d)
     return x
 
 
-def pipeline(program: Traced | TPProgram, ctx: PassContext) -> PPProgram:
-    """Cut ``program`` into ``mesh.shape[ctx.pp_axis]`` stages run GPipe-style on that axis.
+@dataclasses.dataclass(frozen=True)
+class _Buffers:
+    """The weight layout: per stage its slots, per dtype one flat buffer ``[pp, (tp,) L]``."""
 
-    ``program`` is a :class:`Traced` (global jaxpr) or a :class:`TPProgram` (per-device
-    jaxpr over ``ctx.tp_axis``). Raises ValueError naming the value when the pp axis is
-    missing from the mesh, the model has fewer cut points than stages need, or a batch
-    does not divide into ``ctx.num_microbatches``.
+    slots: tuple[tuple[_Slot, ...], ...]
+    sizes: dict[str, int]  # dtype -> L (the largest stage's elements of that dtype)
+    spec: PartitionSpec
+    tp_axis: str | None
+    tp_n: int
+
+    @property
+    def dtypes(self) -> list[str]:
+        return list(self.sizes)
+
+    def local_shape(self, d: str) -> tuple[int, ...]:
+        return (1, self.sizes[d]) if self.tp_axis is None else (1, 1, self.sizes[d])
+
+    @property
+    def bytes_per_device(self) -> int:
+        return sum(n * np.dtype(d).itemsize for d, n in self.sizes.items())
+
+    def unpack(self, stage: int, flat: Sequence[Any]) -> list[Any]:
+        """Slice stage ``stage``'s weights out of this device's flat buffers."""
+        return [
+            jax.lax.slice(
+                flat[self.dtypes.index(sl.dtype)],
+                (sl.offset,),
+                (sl.offset + math.prod(sl.shape),),
+            ).reshape(sl.shape)
+            for sl in self.slots[stage]
+        ]
+
+    def pack(self, weights: Sequence[Any], specs: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
+        """The buffers of global weights (traceable); ``specs``: each weight's tp split."""
+        buffers = []
+        for d in self.dtypes:
+            rows = []
+            for stage_slots in self.slots:
+                ranks = []
+                for r in range(self.tp_n):
+                    parts = [
+                        _local_block(
+                            weights[sl.weight], specs[sl.weight], self.tp_axis, r, self.tp_n
+                        ).reshape(-1)
+                        for sl in stage_slots
+                        if sl.dtype == d
+                    ]
+                    flat = jnp.concatenate(parts) if parts else jnp.zeros((0,), d)
+                    ranks.append(jnp.pad(flat, (0, self.sizes[d] - flat.shape[0])))
+                rows.append(ranks[0] if self.tp_axis is None else jnp.stack(ranks))
+            buffers.append(jnp.stack(rows))
+        return tuple(buffers)
+
+
+def _gpipe_body(
+    stage_jaxprs: Sequence[ir.ClosedJaxpr],
+    buffers: _Buffers,
+    carried: Sequence[Any],
+    out_avals: Sequence[Any],
+    pp: str,
+    m: int,
+) -> Callable[..., list[Any]]:
+    """The per-device body: ``(*buffers, *args[m, b, ...]) -> outputs [1, m, b, ...]``.
+
+    Tick ``t``: stage ``s`` runs micro-batch ``t - s`` (an idle branch in the bubble), then
+    every carried value moves to stage ``s + 1`` (not after the last tick).
     """
-    pp = ctx.pp_axis
-    mesh = program.mesh if isinstance(program, TPProgram) and ctx.mesh is None else ctx.mesh
-    if pp is None or mesh is None or pp not in mesh.shape:
-        axes = None if mesh is None else dict(mesh.shape)
-        raise ValueError(f"pipeline: pp_axis={pp!r} is not an axis of the mesh {axes}")
-    num_stages, m = mesh.shape[pp], ctx.num_microbatches
-    if isinstance(program, TPProgram) and program.tp_axis not in mesh.shape:
-        raise ValueError(f"pipeline: tp axis {program.tp_axis!r} is not in the mesh {mesh}")
-    cost = ctx.cost_model
-    if cost is None:
-        from ligerjax.cost import CostModel
+    num_stages = len(stage_jaxprs)
+    ticks = m + num_stages - 1
+    perm = [(s, s + 1) for s in range(num_stages - 1)]
 
-        cost = CostModel.for_device("cpu")
+    def zeros(avals: Sequence[Any]) -> list[Any]:
+        return [jnp.zeros(a.shape, a.dtype) for a in avals]
 
-    traced, jaxpr, tp_specs, tp = _source(program, ctx, m)
-    tp_axis = None if tp is None else tp.tp_axis
+    def branch(s: int) -> Callable[..., Any]:
+        fun = ir.jaxpr_fun(stage_jaxprs[s])
+
+        def run(flat: Sequence[Any], args: Sequence[Any], carry: Sequence[Any]) -> Any:
+            outs = list(fun(*buffers.unpack(s, flat), *args, *(carry if s > 0 else ())))
+            if s < num_stages - 1:
+                return outs, zeros(out_avals)
+            return zeros(carried), outs
+
+        return run
+
+    def idle(flat: Sequence[Any], args: Sequence[Any], carry: Sequence[Any]) -> Any:
+        return zeros(carried), zeros(out_avals)
+
+    branches = [*(branch(s) for s in range(num_stages)), idle]
+
+    def body(*vals: Any) -> list[Any]:
+        nb = len(buffers.sizes)
+        flat = [b.reshape(-1) for b in vals[:nb]]
+        args_m = vals[nb:]
+        s = jax.lax.axis_index(pp)
+        carry = zeros(carried)
+        collected: list[list[Any]] = []
+        for t in range(ticks):
+            j = t - s
+            active = (j >= 0) & (j < m)
+            args = [
+                jax.lax.dynamic_index_in_dim(a, jnp.clip(j, 0, m - 1), 0, keepdims=False)
+                for a in args_m
+            ]
+            index = jnp.where(active, s, num_stages)
+            new_carry, outs = jax.lax.switch(index, branches, flat, args, carry)
+            if t >= num_stages - 1:
+                collected.append(outs)
+            if t < ticks - 1:
+                carry = [jax.lax.ppermute(c, pp, perm) for c in new_carry]
+        return [jnp.stack([o[k] for o in collected])[None] for k in range(len(out_avals))]
+
+    return body
+
+
+def _build_stages(
+    traced: Traced, jaxpr: ir.ClosedJaxpr, analysis: _Analysis, cuts: CutPoints, num_stages: int
+) -> tuple[list[Stage], list[ir.ClosedJaxpr], list[list[int]], int]:
+    """Cut the units with :func:`stage_cuts`; each stage's record, jaxpr and weights, and
+    how many equations the stages recompute in all."""
     nw = traced.num_weights
-    analysis = _analyse(jaxpr, traced.weight_paths, cost, mesh)
-    cuts = cut_points(analysis, num_stages, cost)
     n = len(jaxpr.jaxpr.eqns)
     bounds = stage_cuts(cuts.unit_costs, num_stages)
     positions = (0, *cuts.positions, n)
-
-    # The stages: equations, weights, jaxprs.
     local_avals = [v.aval for v in jaxpr.jaxpr.invars[:nw]]
-    stages: list[Stage] = []
-    stage_jaxprs: list[ir.ClosedJaxpr] = []
-    stage_weights: list[list[int]] = []
-    recomputed = 0
+    stages, stage_jaxprs, stage_weights, recomputed = [], [], [], 0
     for s in range(num_stages):
         start, stop = positions[bounds[s]], positions[bounds[s + 1]]
         cin = analysis.carried[start] if s > 0 else ()
@@ -497,121 +587,104 @@ def pipeline(program: Traced | TPProgram, ctx: PassContext) -> PPProgram:
                 weight_bytes=sum(_nbytes(local_avals[w]) for w in ws),
             )
         )
+    return stages, stage_jaxprs, stage_weights, recomputed
+
+
+def pipeline(program: Traced | TPProgram, ctx: PassContext) -> PPProgram:
+    """Cut ``program`` into ``mesh.shape[ctx.pp_axis]`` stages run GPipe-style on that axis.
+
+    ``program`` is a :class:`Traced` (global jaxpr) or a :class:`TPProgram` (per-device
+    jaxpr over its tp axis). Raises ValueError naming the value when the pp axis is
+    missing from the mesh, the model has fewer cut points than stages need, or a batch
+    does not divide into ``ctx.num_microbatches``.
+    """
+    pp = ctx.pp_axis
+    tp = program if isinstance(program, TPProgram) else None
+    mesh = tp.mesh if tp is not None and ctx.mesh is None else ctx.mesh
+    if pp is None or mesh is None or pp not in mesh.shape:
+        axes = None if mesh is None else dict(mesh.shape)
+        raise ValueError(f"pipeline: pp_axis={pp!r} is not an axis of the mesh {axes}")
+    if tp is not None and mesh.shape.get(tp.tp_axis) != tp.mesh.shape[tp.tp_axis]:
+        raise ValueError(
+            f"pipeline: the tensor-parallel program splits over {tp.tp_axis!r} of size "
+            f"{tp.mesh.shape[tp.tp_axis]}, but the mesh {dict(mesh.shape)} differs"
+        )
+    num_stages, m = mesh.shape[pp], ctx.num_microbatches
+    cost = ctx.cost_model
+    if cost is None:
+        from ligerjax.cost import CostModel
+
+        cost = CostModel.for_device("cpu")
+
+    traced, jaxpr, tp_specs, tp = _source(program, ctx, m)
+    tp_axis = None if tp is None else tp.tp_axis
+    nw = traced.num_weights
+    analysis = _analyse(jaxpr, traced.weight_paths, cost, mesh)
+    cuts = cut_points(analysis, num_stages, cost)
+    stages, stage_jaxprs, stage_weights, recomputed = _build_stages(
+        traced, jaxpr, analysis, cuts, num_stages
+    )
+    local_avals = [v.aval for v in jaxpr.jaxpr.invars[:nw]]
     slots, sizes = _layout(stage_weights, local_avals)
-    dtypes = list(sizes)
+    buffers = _Buffers(
+        slots=tuple(tuple(row) for row in slots),
+        sizes=sizes,
+        spec=PartitionSpec(pp, None) if tp_axis is None else PartitionSpec(pp, tp_axis, None),
+        tp_axis=tp_axis,
+        tp_n=1 if tp_axis is None else mesh.shape[tp_axis],
+    )
 
-    # Mesh layout of the weight buffers and arguments.
-    tp_n = 1 if tp_axis is None else mesh.shape[tp_axis]
-    buf_spec = PartitionSpec(pp, None) if tp_axis is None else PartitionSpec(pp, tp_axis, None)
-    buf_local = [(1, sizes[d]) if tp_axis is None else (1, 1, sizes[d]) for d in dtypes]
+    # The per-device body, traced once (inspectable), run in one jitted shard_map.
     args_local = [v.aval for v in jaxpr.jaxpr.invars[nw:]]
-    arg_specs = [] if tp is None else list(tp.arg_specs)
     out_avals = [v.aval for v in jaxpr.jaxpr.outvars]
-    out_specs = [] if tp is None else list(tp.out_specs)
-    in_specs = [buf_spec] * len(dtypes) + [
-        PartitionSpec(None, *_pad_spec(arg_specs[i] if arg_specs else None, len(a.shape)))
-        for i, a in enumerate(args_local)
-    ]
-    smap_out_specs = [
-        PartitionSpec(pp, None, *_pad_spec(out_specs[i] if out_specs else None, len(a.shape)))
-        for i, a in enumerate(out_avals)
-    ]
-    carried_avals = cuts.carried
-
-    def branch(s: int) -> Callable[..., Any]:
-        fun = ir.jaxpr_fun(stage_jaxprs[s])
-
-        def run(bufs: Sequence[Any], args: Sequence[Any], carry: Sequence[Any]) -> Any:
-            ws = [
-                jax.lax.slice(
-                    bufs[dtypes.index(sl.dtype)], (sl.offset,), (sl.offset + math.prod(sl.shape),)
-                ).reshape(sl.shape)
-                for sl in slots[s]
-            ]
-            outs = fun(*ws, *args, *(carry if s > 0 else ()))
-            if s < num_stages - 1:
-                return list(outs), [jnp.zeros(a.shape, a.dtype) for a in out_avals]
-            return [jnp.zeros(a.shape, a.dtype) for a in carried_avals], list(outs)
-
-        return run
-
-    branches = [branch(s) for s in range(num_stages)]
-    ticks = m + num_stages - 1
-    perm = [(s, s + 1) for s in range(num_stages - 1)]
-
-    def body(*vals: Any) -> list[Any]:
-        bufs = [b.reshape(-1) for b in vals[: len(dtypes)]]
-        args_m = vals[len(dtypes) :]  # each [m, b, ...]
-        s = jax.lax.axis_index(pp)
-        carry = [jnp.zeros(a.shape, a.dtype) for a in carried_avals]
-        collected: list[list[Any]] = []
-        for t in range(ticks):
-            j = jnp.clip(t - s, 0, m - 1)
-            args = [jax.lax.dynamic_index_in_dim(a, j, 0, keepdims=False) for a in args_m]
-            new_carry, outs = jax.lax.switch(s, branches, bufs, args, carry)
-            if t >= num_stages - 1:
-                collected.append(outs)
-            if t < ticks - 1:
-                carry = [jax.lax.ppermute(c, pp, perm) for c in new_carry]
-        return [jnp.stack([o[k] for o in collected])[None] for k in range(len(out_avals))]
-
-    axis_env = list(mesh.shape.items())
-    body_avals = [jax.ShapeDtypeStruct(shp, d) for shp, d in zip(buf_local, dtypes, strict=True)]
+    arg_specs = [None] * len(args_local) if tp is None else list(tp.arg_specs)
+    out_specs = [None] * len(out_avals) if tp is None else list(tp.out_specs)
+    body = _gpipe_body(stage_jaxprs, buffers, cuts.carried, out_avals, pp, m)
+    body_avals = [jax.ShapeDtypeStruct(buffers.local_shape(d), d) for d in buffers.dtypes]
     body_avals += [jax.ShapeDtypeStruct((m, *a.shape), a.dtype) for a in args_local]
-    per_device = ir.make_jaxpr(body, *body_avals, axis_env=axis_env)
+    per_device = ir.make_jaxpr(body, *body_avals, axis_env=list(mesh.shape.items()))
     body_fun = ir.jaxpr_fun(per_device)
     smap = jax.shard_map(
         lambda *a: tuple(body_fun(*a)),
         mesh=mesh,
-        in_specs=tuple(in_specs),
-        out_specs=tuple(smap_out_specs),
+        in_specs=(
+            *(buffers.spec for _ in buffers.dtypes),
+            *(
+                PartitionSpec(None, *_pad_spec(sp, len(a.shape)))
+                for sp, a in zip(arg_specs, args_local, strict=True)
+            ),
+        ),
+        out_specs=tuple(
+            PartitionSpec(pp, None, *_pad_spec(sp, len(a.shape)))
+            for sp, a in zip(out_specs, out_avals, strict=True)
+        ),
         check_vma=False,
     )
+    nb = len(buffers.dtypes)
 
     @jax.jit
     def fn(*vals: Any) -> list[Any]:
-        bufs, flat = vals[: len(dtypes)], vals[len(dtypes) :]
-        micro = [x.reshape(m, x.shape[0] // m, *x.shape[1:]) for x in flat]
-        outs = smap(*bufs, *micro)
+        micro = [x.reshape(m, x.shape[0] // m, *x.shape[1:]) for x in vals[nb:]]
+        outs = smap(*vals[:nb], *micro)  # each [pp, m, b, ...]: keep the last stage's
         return [o[-1].reshape(m * o.shape[2], *o.shape[3:]) for o in outs]
 
     weight_specs = tp_specs if tp_specs is not None else (None,) * nw
     full_specs = [
         _pad_spec(spec, w.ndim) for spec, w in zip(weight_specs, traced.weights, strict=True)
     ]
-    sharding = NamedSharding(mesh, buf_spec)
+    sharding = NamedSharding(mesh, buffers.spec)
+    pack = jax.jit(
+        lambda *ws: buffers.pack(ws, full_specs), out_shardings=tuple(sharding for _ in range(nb))
+    )
 
-    @functools.partial(jax.jit, out_shardings=tuple(sharding for _ in dtypes))
-    def pack(*weights: Any) -> tuple[Any, ...]:
-        buffers = []
-        for d in dtypes:
-            rows = []
-            for s in range(num_stages):
-                ranks = []
-                for r in range(tp_n):
-                    parts = [
-                        _local_block(
-                            weights[sl.weight], full_specs[sl.weight], tp_axis, r, tp_n
-                        ).reshape(-1)
-                        for sl in slots[s]
-                        if sl.dtype == d
-                    ]
-                    flat = jnp.concatenate(parts) if parts else jnp.zeros((0,), d)
-                    ranks.append(jnp.pad(flat, (0, sizes[d] - flat.shape[0])))
-                rows.append(jnp.stack(ranks) if tp_axis is not None else ranks[0])
-            buffers.append(jnp.stack(rows))
-        return tuple(buffers)
-
-    hop = cost.permute(sum(_nbytes(a) for a in carried_avals)) if num_stages > 1 else 0.0
-    slowest = max(st.cost_s for st in stages)
-    per_device_bytes = sum(sizes[d] * np.dtype(d).itemsize for d in dtypes)
-    n_ppermute = (ticks - 1) * len(carried_avals)
+    ticks = m + num_stages - 1
+    hop = cost.permute(sum(_nbytes(a) for a in cuts.carried)) if num_stages > 1 else 0.0
     report = PassReport(
         name="pipeline",
         rewrites={
             "stages": num_stages,
             "microbatches": m,
-            "ppermute": n_ppermute,
+            "ppermute": (ticks - 1) * len(cuts.carried),
             "recomputed_eqns": recomputed,
         },
     )
@@ -625,11 +698,11 @@ def pipeline(program: Traced | TPProgram, ctx: PassContext) -> PPProgram:
         stages=tuple(stages),
         stage_jaxprs=tuple(stage_jaxprs),
         cuts=cuts,
-        carried=carried_avals,
-        buffer_specs=(buf_spec,) * len(dtypes),
-        weight_bytes_per_device=per_device_bytes,
+        carried=cuts.carried,
+        buffer_specs=(buffers.spec,) * nb,
+        weight_bytes_per_device=buffers.bytes_per_device,
         total_weight_bytes=sum(_nbytes(a) for a in local_avals),
-        predicted_s=ticks * (slowest + hop),
+        predicted_s=ticks * (max(st.cost_s for st in stages) + hop),
         report=report,
         _pack=pack,
         _fn=fn,

@@ -194,7 +194,7 @@ def test_llama_tensor_times_pipeline_parallel(llama, build, pp, tp, m):
 def test_stock_flax_transformer(stock_transformer):
     model, (tokens,), _ = stock_transformer
     traced = trace_module(model, tokens)
-    ctx = PassContext(mesh=_mesh(2), pp_axis="pp", debug=True)
+    ctx = PassContext(mesh=_mesh(2), pp_axis="pp")
     program, _ = PassManager([pipeline_pass]).run(traced, ctx)
     _close(program(traced.weights, tokens), model(tokens))
     assert ir.count_primitives(program.jaxpr)["ppermute"] == 1
