@@ -434,12 +434,14 @@ def _pad_spec(spec: PartitionSpec | None, ndim: int) -> tuple[Any, ...]:
     return entries + (None,) * (ndim - len(entries))
 
 
-def _local_block(x: Any, spec: tuple[Any, ...], axis: str | None, rank: int, n: int) -> Any:
+def _local_block(
+    x: np.ndarray, spec: tuple[Any, ...], axis: str | None, rank: int, n: int
+) -> np.ndarray:
     """Tensor-parallel rank ``rank``'s block of a global weight."""
     for d, name in enumerate(spec):
         if axis is not None and name == axis:
             size = x.shape[d] // n
-            return jax.lax.slice_in_dim(x, rank * size, (rank + 1) * size, axis=d)
+            return np.take(x, range(rank * size, (rank + 1) * size), axis=d)
     return x
 
 
@@ -475,26 +477,50 @@ class _Buffers:
             for sl in self.slots[stage]
         ]
 
-    def pack(self, weights: Sequence[Any], specs: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
-        """The buffers of global weights (traceable); ``specs``: each weight's tp split."""
-        buffers = []
+    def _row(self, host: Sequence[np.ndarray], specs: Any, d: str, stage: int, rank: int) -> Any:
+        parts = [
+            _local_block(host[sl.weight], specs[sl.weight], self.tp_axis, rank, self.tp_n).ravel()
+            for sl in self.slots[stage]
+            if sl.dtype == d
+        ]
+        flat = np.concatenate(parts) if parts else np.zeros((0,), d)
+        return np.pad(flat, (0, self.sizes[d] - flat.shape[0]))
+
+    def pack(
+        self,
+        weights: Sequence[Any],
+        specs: Sequence[tuple[Any, ...]],
+        sharding: NamedSharding,
+    ) -> tuple[jax.Array, ...]:
+        """The buffers of global weights on the mesh; ``specs``: each weight's tp split.
+
+        Built shard by shard on the host: each device receives only its own stage's block.
+        """
+        host = [np.asarray(w) for w in weights]
+        num_stages = len(self.slots)
+        out = []
         for d in self.dtypes:
-            rows = []
-            for stage_slots in self.slots:
-                ranks = []
-                for r in range(self.tp_n):
-                    parts = [
-                        _local_block(
-                            weights[sl.weight], specs[sl.weight], self.tp_axis, r, self.tp_n
-                        ).reshape(-1)
-                        for sl in stage_slots
-                        if sl.dtype == d
-                    ]
-                    flat = jnp.concatenate(parts) if parts else jnp.zeros((0,), d)
-                    ranks.append(jnp.pad(flat, (0, self.sizes[d] - flat.shape[0])))
-                rows.append(ranks[0] if self.tp_axis is None else jnp.stack(ranks))
-            buffers.append(jnp.stack(rows))
-        return tuple(buffers)
+            shape = (
+                (num_stages, self.sizes[d])
+                if self.tp_axis is None
+                else (
+                    num_stages,
+                    self.tp_n,
+                    self.sizes[d],
+                )
+            )
+
+            def block(index: tuple[slice, ...], d: str = d) -> np.ndarray:
+                stages = range(num_stages)[index[0]]
+                if self.tp_axis is None:
+                    return np.stack([self._row(host, specs, d, s, 0) for s in stages])
+                ranks = range(self.tp_n)[index[1]]
+                return np.stack(
+                    [np.stack([self._row(host, specs, d, s, r) for r in ranks]) for s in stages]
+                )
+
+            out.append(jax.make_array_from_callback(shape, sharding, block))
+        return tuple(out)
 
 
 def _gpipe_body(
@@ -673,9 +699,9 @@ def pipeline(program: Traced | TPProgram, ctx: PassContext) -> PPProgram:
         _pad_spec(spec, w.ndim) for spec, w in zip(weight_specs, traced.weights, strict=True)
     ]
     sharding = NamedSharding(mesh, buffers.spec)
-    pack = jax.jit(
-        lambda *ws: buffers.pack(ws, full_specs), out_shardings=tuple(sharding for _ in range(nb))
-    )
+
+    def pack(*weights: Any) -> tuple[jax.Array, ...]:
+        return buffers.pack(weights, full_specs, sharding)
 
     ticks = m + num_stages - 1
     hop = cost.permute(sum(_nbytes(a) for a in cuts.carried)) if num_stages > 1 else 0.0

@@ -224,6 +224,36 @@ def test_mlp_stack_tensor_times_pipeline_verified_by_the_pass_manager(mlp_stack)
     assert [ir.count_primitives(j)["psum"] for j in program.stage_jaxprs] == [1, 1]
 
 
+class MixedDtypes(nnx.Module):
+    """Three Linear layers, the middle one in bf16: two weight buffers (f32 and bf16)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.a = nnx.Linear(16, 16, rngs=rngs)
+        self.b = nnx.Linear(16, 16, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=rngs)
+        self.c = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.a(x))
+        return self.c(jax.nn.relu(self.b(x)).astype(jnp.float32))
+
+
+def test_one_buffer_per_dtype_padded_to_the_largest_stage():
+    model = MixedDtypes(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    traced = trace_module(model, x)
+    program = pipeline(traced, PassContext(mesh=_mesh(2), pp_axis="pp", num_microbatches=2))
+    _close(program(traced.weights, x), model(x))
+    assert [s.weight_paths for s in program.stages] == [
+        ("a.bias", "a.kernel"),
+        ("b.bias", "b.kernel", "c.bias", "c.kernel"),
+    ]
+    # f32: 272 elements in each stage; bf16: 272 in stage 1, stage 0's share is padding.
+    assert program.weight_bytes_per_device == 272 * 4 + 272 * 2
+    buffers = program.pack_weights(traced.weights)
+    assert sorted(str(b.dtype) for b in buffers) == ["bfloat16", "float32"]
+    assert sum(b.addressable_shards[0].data.nbytes for b in buffers) == 272 * 6
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 
