@@ -409,6 +409,11 @@ def _source(
     tp = program if isinstance(program, TPProgram) else None
     if m == 1:
         return traced, program.jaxpr, None if tp is None else tp.weight_specs, tp
+    if type(traced).flat_call is not Traced.flat_call:
+        raise ValueError(
+            f"pipeline: num_microbatches={m} re-traces the model at the micro-batch shape, "
+            f"but {type(traced).__name__} evaluates a jaxpr fixed at the full batch"
+        )
     micro_args = jax.tree_util.tree_map(lambda x: x[: x.shape[0] // m], traced.example_args)
     avals = [*traced.weights, *jax.tree_util.tree_leaves(micro_args)]
     micro = dataclasses.replace(
