@@ -13,6 +13,7 @@ from collections.abc import Sequence
 BENCHMARKS: dict[str, str] = {
     "attention": "ligerjax.bench.attention",
     "generate": "ligerjax.bench.generate",
+    "interleave": "ligerjax.bench.interleave",
     "liger-headline": "ligerjax.bench.liger_headline",
     "memory": "ligerjax.bench.memory",
     "throughput": "ligerjax.bench.throughput",

@@ -57,8 +57,9 @@ PLAN_TARGETS = {"cpu": "cpu", "h100": "h100-sxm", "a100": "a100-sxm", "a100-pcie
 class LigerizeConfig:
     """The keyword arguments of :func:`ligerize`, validated.
 
-    ``slack`` is the fraction by which a planned window may overrun; ``max_factor`` and
-    ``min_rows`` bound the decomposition of secondary ops (pieces per op, rows per piece).
+    ``max_inflation`` bounds how much the secondary may delay the primary (a fraction of
+    its solo step time, spent as window overrun); ``max_factor`` is
+    the decomposition granularity (a secondary op is cut at multiples of 1/max_factor).
     """
 
     mesh: jax.sharding.Mesh | None = None
@@ -69,9 +70,8 @@ class LigerizeConfig:
     cost_model: CostModel | None = None
     passes: tuple[Any, ...] | None = None
     num_microbatches: int = 1
-    slack: float = 0.0
+    max_inflation: float = 0.05
     max_factor: int = 16
-    min_rows: int = 16
 
     def __post_init__(self) -> None:
         if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):
@@ -94,9 +94,9 @@ class LigerizeConfig:
             object.__setattr__(self, "passes", tuple(self.passes))
         if self.cost_model is not None and not isinstance(self.cost_model, CostModel):
             raise ValueError(f"ligerize: cost_model={self.cost_model!r} is not a CostModel")
-        if not self.slack >= 0:
-            raise ValueError(f"ligerize: slack={self.slack}: must be >= 0")
-        for name in ("max_factor", "min_rows", "num_microbatches"):
+        if not self.max_inflation >= 0:
+            raise ValueError(f"ligerize: max_inflation={self.max_inflation}: must be >= 0")
+        for name in ("max_factor", "num_microbatches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ligerize: {name}={getattr(self, name)}: must be >= 1")
 
@@ -238,15 +238,12 @@ def build_interleaved(
     n_args = len(traced.jaxpr.jaxpr.invars) - nw
     roles: list[str | None] = [None] * nw
     roles += ["primary"] * num_primary_leaves + ["secondary"] * (n_args - num_primary_leaves)
-    sizes = {config.tp_axis: n}
-    asm = assemble(tp.jaxpr, roles, cost, sizes)
-    factors: dict[str, int] = {}
-    if barriers:
-        dec = decompose(asm, cost, axis_env, max_factor=config.max_factor, min_rows=config.min_rows)
-        factors = dict(dec.factors)
-        asm = assemble(dec.jaxpr, roles, cost, sizes)
-    step = interleave(asm, cost, slack=config.slack)
-    emitted = emit(step, axis_env, barriers=barriers)
+    asm = assemble(tp.jaxpr, roles, cost, {config.tp_axis: n})
+    step = interleave(
+        asm, cost, factor=config.max_factor if barriers else 1, max_inflation=config.max_inflation
+    )
+    dec = decompose(step, axis_env)
+    emitted = emit(dec, step, axis_env, barriers=barriers)
     body = ir.jaxpr_fun(emitted.jaxpr)
     fn = jax.jit(
         jax.shard_map(
@@ -257,7 +254,7 @@ def build_interleaved(
             check_vma=False,
         )
     )
-    return InterleavedProgram(traced, tp, step, factors, emitted.jaxpr, mesh, fn)
+    return InterleavedProgram(traced, tp, step, step.factors, emitted.jaxpr, mesh, fn)
 
 
 # -- the ligerized model ------------------------------------------------------------------
@@ -461,9 +458,9 @@ def _schedule(
     return Schedule(
         target=target,
         num_devices=n,
-        primary=asm.primary,
-        secondary=asm.secondary,
-        switch_points=asm.primary.switch_points(),
+        primary=step.primary,
+        secondary=step.secondary,
+        switch_points=step.primary.switch_points(),
         matched_pairs=step.matched_pairs,
         decomposition=dict(program.factors),
         timeline=timeline,

@@ -46,11 +46,16 @@ def parse_attention_params_name(name: str | None) -> AttentionParams | None:
     return AttentionParams(m["causal"] == "True", float(m["sm_scale"]))
 
 
+def _call_name(eqn: Any) -> str | None:
+    """The ``name`` of a jit equation (read from its params: models import this module, so
+    it must not import the compiler)."""
+    name = eqn.params.get("name")
+    return name if isinstance(name, str) else None
+
+
 def is_attention(eqn: Any) -> bool:
     """Whether a jaxpr equation is a ``ligerjax_attention`` call (by its pjit name)."""
-    from ligerjax.compiler import ir
-
-    name = ir.eqn_name(eqn)
+    name = _call_name(eqn)
     return name == ATTENTION_NAME or parse_attention_params_name(name) is not None
 
 
@@ -60,16 +65,15 @@ def attention_params(eqn: Any) -> AttentionParams | None:
     None when ``eqn`` is not an attention call or was traced before the knobs were written
     into the jaxpr. Nothing is run.
     """
-    from ligerjax.compiler import ir
-
-    name = ir.eqn_name(eqn)
+    name = _call_name(eqn)
     own = parse_attention_params_name(name)
     if own is not None or name != ATTENTION_NAME:
         return own
-    body = ir.call_jaxpr(eqn)
+    body = eqn.params.get("jaxpr")
     if body is None:
         return None
-    found = {parse_attention_params_name(ir.eqn_name(e)) for e in body.jaxpr.eqns}
+    inner = getattr(body, "jaxpr", body)  # a ClosedJaxpr or a Jaxpr
+    found = {parse_attention_params_name(_call_name(e)) for e in inner.eqns}
     found.discard(None)
     return found.pop() if len(found) == 1 else None
 

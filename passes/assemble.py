@@ -25,6 +25,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+import jax.numpy as jnp
 import numpy as np
 
 from ligerjax.compiler import ir
@@ -52,8 +53,12 @@ def _nbytes(aval: Any) -> int:
 
 def _dtype(eqn: ir.JaxprEqn) -> str:
     avals = [ir.aval_of(v) for v in eqn.invars if hasattr(ir.aval_of(v), "dtype")]
-    floats = [a.dtype for a in avals if np.issubdtype(a.dtype, np.floating)]
+    floats = [a.dtype for a in avals if jnp.issubdtype(a.dtype, jnp.floating)]
     return str(np.dtype(floats[0])) if floats else "float32"
+
+
+# Ops that read only the part of an operand they return (an embedding row, a cache slot).
+_READS_ITS_OUTPUT = frozenset({"gather", "dynamic_slice", "slice"})
 
 
 def is_anchor(eqn: ir.JaxprEqn) -> bool:
@@ -63,6 +68,27 @@ def is_anchor(eqn: ir.JaxprEqn) -> bool:
         or eqn.primitive.name in COLLECTIVES
         or ir.eqn_name(eqn) == ATTENTION_NAME
     )
+
+
+def _bytes_read(eqn: ir.JaxprEqn, pos: int) -> int:
+    """Bytes ``eqn`` reads of its operand ``pos``: all of it, except what a gather or slice
+    picks out (looking through calls)."""
+    full = _nbytes(ir.aval_of(eqn.invars[pos]))
+    if eqn.primitive.name in _READS_ITS_OUTPUT:
+        return min(full, sum(_nbytes(o.aval) for o in eqn.outvars)) if pos == 0 else full
+    body = ir.call_jaxpr(eqn)
+    if body is None or len(body.jaxpr.invars) != len(eqn.invars):
+        return full
+    inner = body.jaxpr.invars[pos]
+    if inner in body.jaxpr.outvars:
+        return full
+    parts = [
+        _bytes_read(e, k)
+        for e in body.jaxpr.eqns
+        for k, v in enumerate(e.invars)
+        if not ir.is_literal(v) and v is inner
+    ]
+    return min(full, max(parts, default=0))
 
 
 def eqn_flops(eqn: ir.JaxprEqn) -> float:
@@ -186,10 +212,15 @@ def _op_of(
     eqns = [j.eqns[i] for i in group]
     members = set(group)
     defined = {v for e in eqns for v in e.outvars}
-    ins = {v for e in eqns for v in e.invars if not ir.is_literal(v) and v not in defined}
+    read: dict[Any, int] = {}  # input var -> bytes the group reads of it
+    for e in eqns:
+        for pos, v in enumerate(e.invars):
+            if ir.is_literal(v) or v in defined:
+                continue
+            read[v] = max(read.get(v, 0), _bytes_read(e, pos))
     outs = {v for v in defined if uses.escapes(v, members)}
-    fixed = sum(_nbytes(v.aval) for v in ins if v in weights)
-    nbytes = sum(_nbytes(v.aval) for v in ins) + sum(_nbytes(v.aval) for v in outs)
+    fixed = sum(b for v, b in read.items() if v in weights)
+    nbytes = sum(read.values()) + sum(_nbytes(v.aval) for v in outs)
     first = eqns[0]
     batch = PRIMARY if role == SHARED else role
     coll = COLLECTIVES.get(first.primitive.name)

@@ -1,23 +1,19 @@
-"""Vertical decomposition: cut the secondary batch's large ops into window-sized pieces.
+"""Vertical decomposition: realise the planner's cuts of secondary ops in the jaxpr.
 
 Liger cuts a secondary kernel that is too long for the primary's communication windows
-along its batch/sequence dimension, never the hidden one, so each piece can run inside
-one window. Here that is a jaxpr rewrite: an activation × weight ``dot_general`` becomes
-``k`` GEMMs on row slices of the activation and a ``concatenate``; a named attention call
-becomes ``k`` calls on slices of the queries (and their positions), each still attending
-to every key. The factor ``k`` of each op is the smallest whose piece, inflated by the
-compute contention factor, fits the primary's shortest communication window; it is capped
-by ``max_factor`` and by ``min_rows`` rows per piece (smaller GEMMs waste the device).
-
-The rewrite re-traces the jaxpr (the input is never mutated): pieces are ordinary
-equations, so the assembler sees each piece as an op of its own.
+along its batch/sequence dimension, never the hidden one, so each piece runs inside one
+window. The interleave planner chose the cuts (the largest head that fits each window);
+this pass rewrites the jaxpr to match: an activation × weight ``dot_general`` becomes one
+GEMM per piece on a row slice of the activation, then a ``concatenate``; a named attention
+call becomes one call per slice of the queries (and their positions), each still
+attending to every key. Each piece is traced as one named ``jit`` equation
+(``ligerjax_piece``), so every planned op maps to known equations of the new jaxpr:
+``Decomposed.members`` is what the emit pass schedules. The input is never mutated.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,117 +21,110 @@ import jax
 
 from ligerjax.compiler import ir
 from ligerjax.compiler.pass_manager import PassReport
-from ligerjax.cost.cost_model import CostModel
-from ligerjax.ops import ATTENTION_NAME, ligerjax_attention
-from ligerjax.schedule import COMM, SECONDARY, Op
-from ligerjax.schedule.function_vector import piece_duration
+from ligerjax.ops import ATTENTION_NAME, attention_params, ligerjax_attention
+from ligerjax.schedule import PRIMARY, SECONDARY
 from passes.assemble import Assembled, row_dim
-from passes.tensor_parallel import _probe_attention
+from passes.interleave import StepPlan
+
+PIECE_NAME = "ligerjax_piece"
 
 
 @dataclasses.dataclass(frozen=True)
 class Decomposed:
-    """The rewritten jaxpr and the factor chosen for each decomposed secondary op."""
+    """The rewritten jaxpr, each equation's batch role, and the equations of each planned
+    op (``members[role][k]``: op ``k`` of the step plan's ``role`` vector)."""
 
     jaxpr: ir.ClosedJaxpr
-    factors: Mapping[str, int]
-    budget_s: float
+    roles: tuple[str, ...]
+    members: Mapping[str, tuple[tuple[int, ...], ...]]
+    num_weights: int
     report: PassReport
 
 
-def window_budget(asm: Assembled) -> float:
-    """Solo duration of the primary's shortest communication window (0: it has none)."""
-    windows = [s.duration_s for s in asm.primary.segments() if s.kind is COMM]
-    return min(windows, default=0.0)
+def _piece_call(fn: Any) -> Any:
+    """``fn`` traced as one named jit equation."""
+    fn.__name__ = PIECE_NAME
+    return jax.jit(fn)
 
 
-def choose_factor(
-    op: Op, budget_s: float, cost: CostModel, *, max_factor: int, min_rows: int
-) -> int:
-    """Smallest k whose pieces of ``op`` (inflated by contention) fit ``budget_s``."""
-    f = cost.contention.factor("compute")
-    limit = min(max_factor, op.rows // max(min_rows, 1))
-    if limit < 2 or op.duration_s * f <= budget_s:
-        return 1
-    for k in range(2, limit + 1):
-        if piece_duration(op, math.ceil(op.rows / k), cost) * f <= budget_s:
-            return k
-    return limit
-
-
-def _bounds(rows: int, k: int) -> list[tuple[int, int]]:
-    cuts = [round(i * rows / k) for i in range(k + 1)]
-    return list(itertools.pairwise(cuts))
-
-
-def _split_dot(eqn: ir.JaxprEqn, ins: Sequence[Any], dim: int, k: int) -> list[Any]:
-    lhs, rhs = ins
+def _dot_pieces(eqn: ir.JaxprEqn, dim: int, spans: Sequence[tuple[int, int]]) -> Any:
     (lc, _), (lb, _) = eqn.params["dimension_numbers"]
-    free = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
+    ndim = len(ir.aval_of(eqn.invars[0]).shape)
+    free = [d for d in range(ndim) if d not in lc and d not in lb]
     out_dim = len(lb) + free.index(dim)
-    pieces = [
-        ir.bind(eqn.primitive, jax.lax.slice_in_dim(lhs, lo, hi, axis=dim), rhs, **eqn.params)[0]
-        for lo, hi in _bounds(lhs.shape[dim], k)
-    ]
-    return [jax.lax.concatenate(pieces, out_dim)]
+
+    def run(lhs: Any, rhs: Any) -> list[Any]:
+        pieces = []
+        for lo, hi in spans:
+
+            def piece(x: Any, w: Any, lo: int = lo, hi: int = hi) -> Any:
+                part = jax.lax.slice_in_dim(x, lo, hi, axis=dim)
+                return ir.bind(eqn.primitive, part, w, **eqn.params)[0]
+
+            pieces.append(_piece_call(piece)(lhs, rhs))
+        return [jax.lax.concatenate(pieces, out_dim)]
+
+    return run
 
 
-def _split_attention(ins: Sequence[Any], k: int, probed: tuple[bool, float]) -> list[Any]:
-    q, kk, v, qpos, lens = ins
-    causal, scale = probed
-    pieces = [
-        ligerjax_attention(
-            jax.lax.slice_in_dim(q, lo, hi, axis=1),
-            kk,
-            v,
-            jax.lax.slice_in_dim(qpos, lo, hi, axis=1),
-            lens,
-            causal=causal,
-            sm_scale=scale,
-        )
-        for lo, hi in _bounds(q.shape[1], k)
-    ]
-    return [jax.lax.concatenate(pieces, 1)]
+def _attention_pieces(eqn: ir.JaxprEqn, spans: Sequence[tuple[int, int]]) -> Any:
+    causal, scale = attention_params(eqn)
+
+    def run(q: Any, k: Any, v: Any, qpos: Any, lens: Any) -> list[Any]:
+        pieces = []
+        for lo, hi in spans:
+
+            def piece(q, k, v, qpos, lens, lo: int = lo, hi: int = hi):  # type: ignore[no-untyped-def]
+                return ligerjax_attention(
+                    jax.lax.slice_in_dim(q, lo, hi, axis=1),
+                    k,
+                    v,
+                    jax.lax.slice_in_dim(qpos, lo, hi, axis=1),
+                    lens,
+                    causal=causal,
+                    sm_scale=scale,
+                )
+
+            pieces.append(_piece_call(piece)(q, k, v, qpos, lens))
+        return [jax.lax.concatenate(pieces, 1)]
+
+    return run
 
 
-def decompose(
-    asm: Assembled,
-    cost: CostModel,
-    axis_env: Sequence[tuple[str, int]],
-    *,
-    budget_s: float | None = None,
-    max_factor: int = 16,
-    min_rows: int = 16,
-) -> Decomposed:
-    """Cut every secondary GEMM/attention longer than the window budget into pieces.
-
-    ``budget_s`` defaults to the primary's shortest communication window.
-    """
-    if max_factor < 1:
-        raise ValueError(f"decompose: max_factor={max_factor}: must be >= 1")
-    budget = window_budget(asm) if budget_s is None else budget_s
+def decompose(step: StepPlan, axis_env: Sequence[tuple[str, int]]) -> Decomposed:
+    """Rewrite ``step.assembled.jaxpr`` so that every cut op of the plan is one equation
+    per piece (see the module docstring)."""
+    asm: Assembled = step.assembled
     j = asm.jaxpr.jaxpr
     weights = set(j.invars[: asm.num_weights])
-    plan: dict[int, tuple[int, int | None]] = {}  # eqn index -> (k, row dim)
-    factors: dict[str, int] = {}
-    probes: dict[int, tuple[bool, float]] = {}
-    for op, members in zip(asm.secondary, asm.members[SECONDARY], strict=True):
-        if not op.splittable or budget <= 0 or len(members) != 1:
-            continue
-        k = choose_factor(op, budget, cost, max_factor=max_factor, min_rows=min_rows)
-        if k < 2:
-            continue
-        (i,) = members
+    sec_members = asm.members[SECONDARY]
+    # Assembled secondary op -> (planned op indices, row spans) of its pieces.
+    cuts: dict[int, list[tuple[int, tuple[int, int]]]] = {}
+    for k, piece in enumerate(step.pieces):
+        if piece.rows is not None:
+            cuts.setdefault(piece.op, []).append((k, piece.rows))
+    rewrites: dict[int, Any] = {}  # eqn index -> function of its input values
+    for op, parts in cuts.items():
+        (i,) = sec_members[op]
         eqn = j.eqns[i]
+        spans = [rows for _, rows in parts]
         if ir.eqn_name(eqn) == ATTENTION_NAME:
-            probed = _probe_attention(eqn.params["jaxpr"])
-            if probed is None:
-                continue
-            probes[i] = probed
-            plan[i] = (k, None)
+            rewrites[i] = _attention_pieces(eqn, spans)
         else:
-            plan[i] = (k, row_dim(eqn, weights))
-        factors[op.name] = k
+            dim = row_dim(eqn, weights)
+            if dim is None:
+                raise AssertionError(f"decompose: {asm.secondary[op].name} has no row dim")
+            rewrites[i] = _dot_pieces(eqn, dim, spans)
+
+    # New equation indices: one per equation, or one per piece plus the concatenate.
+    new_index: dict[int, list[int]] = {}
+    roles: list[str] = []
+    n = 0
+    for i in range(len(j.eqns)):
+        width = len(cuts[_op_of(asm, i)]) + 1 if i in rewrites else 1
+        new_index[i] = list(range(n, n + width))
+        roles += [asm.roles[i]] * width
+        n += width
 
     def run(*vals: Any) -> list[Any]:
         env: dict[Any, Any] = dict(zip(j.invars, vals, strict=True))
@@ -146,22 +135,57 @@ def decompose(
 
         for i, eqn in enumerate(j.eqns):
             ins = [read(a) for a in eqn.invars]
-            if i in plan:
-                k, dim = plan[i]
-                outs = (
-                    _split_attention(ins, k, probes[i])
-                    if dim is None
-                    else _split_dot(eqn, ins, dim, k)
-                )
-            else:
-                outs = ir.eval_eqn(eqn, ins)
+            outs = rewrites[i](*ins) if i in rewrites else ir.eval_eqn(eqn, ins)
             env.update(zip(eqn.outvars, outs, strict=True))
         return [read(a) for a in j.outvars]
 
     avals = [v.aval for v in j.invars]
-    new = ir.make_jaxpr(run, *avals, axis_env=axis_env) if plan else asm.jaxpr
+    new = ir.make_jaxpr(run, *avals, axis_env=axis_env) if rewrites else asm.jaxpr
+    if len(new.jaxpr.eqns) != n:
+        raise AssertionError(f"decompose: expected {n} equations, traced {len(new.jaxpr.eqns)}")
+    members = {
+        PRIMARY: tuple(
+            tuple(x for i in group for x in new_index[i]) for group in asm.members[PRIMARY]
+        ),
+        SECONDARY: _secondary_members(step, cuts, new_index),
+    }
     report = PassReport(
         name="decompose",
-        rewrites={"pieces": sum(factors.values()), "ops_decomposed": len(factors)},
+        rewrites={"ops_cut": len(cuts), "pieces": sum(len(p) for p in cuts.values())},
     )
-    return Decomposed(jaxpr=new, factors=factors, budget_s=budget, report=report)
+    return Decomposed(
+        jaxpr=new,
+        roles=tuple(roles),
+        members=members,
+        num_weights=asm.num_weights,
+        report=report,
+    )
+
+
+def _op_of(asm: Assembled, eqn_index: int) -> int:
+    for k, group in enumerate(asm.members[SECONDARY]):
+        if eqn_index in group:
+            return k
+    raise AssertionError(f"equation {eqn_index} is in no secondary op")
+
+
+def _secondary_members(
+    step: StepPlan,
+    cuts: Mapping[int, list[tuple[int, tuple[int, int]]]],
+    new_index: Mapping[int, list[int]],
+) -> tuple[tuple[int, ...], ...]:
+    asm = step.assembled
+    out: list[tuple[int, ...]] = []
+    for k, piece in enumerate(step.pieces):
+        group = asm.members[SECONDARY][piece.op]
+        if piece.rows is None:
+            out.append(tuple(x for i in group for x in new_index[i]))
+            continue
+        (i,) = group
+        ks = [kk for kk, _ in cuts[piece.op]]
+        p = ks.index(k)
+        eqns = [new_index[i][p]]
+        if p == len(ks) - 1:
+            eqns.append(new_index[i][-1])  # the concatenate joins the last piece
+        out.append(tuple(eqns))
+    return tuple(out)

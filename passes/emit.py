@@ -37,6 +37,7 @@ from ligerjax.compiler import ir
 from ligerjax.compiler.pass_manager import PassReport
 from ligerjax.schedule import PRIMARY, SECONDARY
 from passes.assemble import SHARED
+from passes.decompose import Decomposed
 from passes.interleave import StepPlan
 
 PRIMARY_SCOPE = "primary"
@@ -62,16 +63,15 @@ class _Group:
         return bool(self.primary) and bool(self.secondary)
 
 
-def _groups(step: StepPlan) -> list[_Group]:
+def _groups(dec: Decomposed, step: StepPlan) -> list[_Group]:
     """Equation indices of each window (shared equations go to the prologue), then the tail."""
-    asm = step.assembled
-    prim, sec = asm.members[PRIMARY], asm.members[SECONDARY]
+    prim, sec = dec.members[PRIMARY], dec.members[SECONDARY]
 
     def eqns(members: Sequence[tuple[int, ...]], ops: Sequence[int], role: str) -> tuple[int, ...]:
         flat = itertools.chain.from_iterable(members[k] for k in ops)
-        return tuple(sorted(i for i in flat if asm.roles[i] == role))
+        return tuple(sorted(i for i in flat if dec.roles[i] == role))
 
-    shared = tuple(i for i, r in enumerate(asm.roles) if r == SHARED)
+    shared = tuple(i for i, r in enumerate(dec.roles) if r == SHARED)
     out = [_Group(shared, ())]
     for w in step.windows:
         out.append(
@@ -81,19 +81,25 @@ def _groups(step: StepPlan) -> list[_Group]:
     return out
 
 
-def emit(step: StepPlan, axis_env: Sequence[tuple[str, int]], *, barriers: bool = True) -> Emitted:
-    """The interleaved per-device jaxpr of ``step`` (see the module docstring)."""
-    asm = step.assembled
-    closed = asm.jaxpr
+def emit(
+    dec: Decomposed,
+    step: StepPlan,
+    axis_env: Sequence[tuple[str, int]],
+    *,
+    barriers: bool = True,
+) -> Emitted:
+    """The interleaved per-device jaxpr of ``step`` over the decomposed ``dec`` (see the
+    module docstring)."""
+    closed = dec.jaxpr
     j = closed.jaxpr
-    weights = set(j.invars[: asm.num_weights])
+    weights = set(j.invars[: dec.num_weights])
     readers: dict[Any, set[int]] = {}
     for i, eqn in enumerate(j.eqns):
         for v in eqn.invars:
             if not ir.is_literal(v):
                 readers.setdefault(v, set()).add(i)
     returned = {v for v in j.outvars if not ir.is_literal(v)}
-    groups = _groups(step)
+    groups = _groups(dec, step)
     emitted = [i for g in groups for i in (*g.primary, *g.secondary)]
     if sorted(emitted) != list(range(len(j.eqns))):
         raise AssertionError("emit: the plan does not cover every equation exactly once")

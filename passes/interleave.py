@@ -1,15 +1,21 @@
-"""Interleave: plan which secondary ops run inside which primary window.
+"""Interleave: plan which secondary work runs inside which primary window.
 
 Runs Liger's greedy planner (:func:`ligerjax.schedule.interleave_greedy`) over the two
 function vectors of an assembled step: the primary's segments in order (its critical
 path first), each communication window filled with secondary compute and each compute
 window with secondary communication, an op going in only if its contention-inflated
-duration fits the room left (``slack`` allows a fractional overrun). The decompose pass
-has already cut large ops to window size, so the planner does not cut further. What no
-window took runs after the primary's last op, in order.
+duration fits the room left (``slack`` allows a fractional overrun). A secondary GEMM or
+attention that does not fit is cut along its rows at a multiple of 1/``factor``: the
+largest head that fits goes in, the tail waits for the next window (Liger's vertical
+decomposition; the decompose pass then realises those cuts in the jaxpr). What no window
+took runs after the primary's last op, in order. The windows may overrun by a slack sized
+so that the primary's latency grows by at most ``max_inflation`` (5% by default), which
+also lets an op that cannot be cut and is a little longer than every window go in; one
+longer still takes a window of its own (``place_oversized``) rather than hold the whole
+secondary back until the primary ends.
 
-The result, a :class:`StepPlan`, names equations, not ops: it is what the emit pass
-realises on XLA.
+The result, a :class:`StepPlan`, refers to the planned (cut) vectors; ``pieces`` maps each
+planned secondary op back to the assembled op and the rows it covers.
 """
 
 from __future__ import annotations
@@ -17,7 +23,15 @@ from __future__ import annotations
 import dataclasses
 
 from ligerjax.cost.cost_model import CostModel
-from ligerjax.schedule import COMM, InterleaveConfig, InterleavePlan, interleave_greedy
+from ligerjax.schedule import (
+    COMM,
+    COMPUTE,
+    FunctionVector,
+    InterleaveConfig,
+    InterleavePlan,
+    interleave_greedy,
+)
+from ligerjax.schedule.function_vector import base_name
 from passes.assemble import Assembled
 
 
@@ -33,6 +47,14 @@ class Window:
 
 
 @dataclasses.dataclass(frozen=True)
+class Piece:
+    """A planned secondary op: assembled op ``op``, rows ``[lo, hi)`` (``None``: whole)."""
+
+    op: int
+    rows: tuple[int, int] | None
+
+
+@dataclasses.dataclass(frozen=True)
 class StepPlan:
     """The planned step: windows in order, the secondary ops left for after the primary."""
 
@@ -40,15 +62,32 @@ class StepPlan:
     plan: InterleavePlan
     windows: tuple[Window, ...]
     tail: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+    @property
+    def primary(self) -> FunctionVector:
+        return self.plan.schedule.vectors[0]
+
+    @property
+    def secondary(self) -> FunctionVector:
+        return self.plan.schedule.vectors[1]
+
+    @property
+    def factors(self) -> dict[str, int]:
+        """Pieces per assembled secondary op that was cut."""
+        count: dict[int, int] = {}
+        for p in self.pieces:
+            if p.rows is not None:
+                count[p.op] = count.get(p.op, 0) + 1
+        return {self.assembled.secondary[k].name: n for k, n in count.items()}
 
     @property
     def matched_pairs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """(primary collective names, the secondary ops inside it) per filled comm window."""
-        asm = self.assembled
         return tuple(
             (
-                "+".join(asm.primary[i].name for i in w.primary_ops),
-                tuple(asm.secondary[i].name for i in w.secondary_ops),
+                "+".join(self.primary[i].name for i in w.primary_ops),
+                tuple(self.secondary[i].name for i in w.secondary_ops),
             )
             for w in self.windows
             if w.kind == COMM.value and w.secondary_ops
@@ -60,13 +99,38 @@ class StepPlan:
         return self.plan.coverage
 
 
-def interleave(asm: Assembled, cost: CostModel, *, slack: float = 0.0) -> StepPlan:
-    """Plan one step of ``asm``'s primary and secondary batches."""
-    config = InterleaveConfig(factor=1, split_kinds=(), slack=slack)
+def _pieces(assembled: FunctionVector, planned: FunctionVector) -> tuple[Piece, ...]:
+    index = {op.name: k for k, op in enumerate(assembled)}
+    out = []
+    for op in planned:
+        if op.name in index:
+            out.append(Piece(index[op.name], None))
+        else:
+            base, lo = base_name(op)
+            out.append(Piece(index[base], (lo, lo + op.rows)))
+    return tuple(out)
+
+
+def slack_for(primary: FunctionVector, max_inflation: float) -> float:
+    """The window overrun that spends at most ``max_inflation`` of the primary's solo time
+    when every communication window overruns by it."""
+    if not max_inflation >= 0:
+        raise ValueError(f"max_inflation={max_inflation}: must be >= 0")
+    return max_inflation * primary.duration_s / primary.comm_s if primary.comm_s > 0 else 0.0
+
+
+def interleave(
+    asm: Assembled, cost: CostModel, *, factor: int = 16, max_inflation: float = 0.05
+) -> StepPlan:
+    """Plan one step of ``asm``'s primary and secondary batches (``factor=1``: no cuts),
+    letting the secondary's work delay the primary by at most ``max_inflation`` of its
+    solo time (the windows' slack, :func:`slack_for`)."""
+    slack = slack_for(asm.primary, max_inflation)
+    kinds = (COMPUTE,) if factor > 1 else ()
+    config = InterleaveConfig(factor=factor, split_kinds=kinds, slack=slack, place_oversized=True)
     plan = interleave_greedy(asm.primary, [asm.secondary], cost=cost, config=config)
-    segments = asm.primary.segments()
     windows, placed = [], set()
-    for seg, fill in zip(segments, plan.windows, strict=True):
+    for seg, fill in zip(asm.primary.segments(), plan.windows, strict=True):
         sec = tuple(ref.op for ref in fill.placed)
         placed.update(sec)
         windows.append(
@@ -78,7 +142,14 @@ def interleave(asm: Assembled, cost: CostModel, *, slack: float = 0.0) -> StepPl
                 used_s=fill.used_s,
             )
         )
-    tail = tuple(i for i in range(len(asm.secondary)) if i not in placed)
-    # The planner takes each secondary's ops in order, so the tail follows every placed op.
+    planned = plan.schedule.vectors[1]
+    tail = tuple(i for i in range(len(planned)) if i not in placed)
+    # The planner takes the secondary's ops in order, so the tail follows every placed op.
     assert not placed or not tail or min(tail) > max(placed)
-    return StepPlan(assembled=asm, plan=plan, windows=tuple(windows), tail=tail)
+    return StepPlan(
+        assembled=asm,
+        plan=plan,
+        windows=tuple(windows),
+        tail=tail,
+        pieces=_pieces(asm.secondary, planned),
+    )

@@ -24,7 +24,9 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     (r"(^|\.)(query|key|value)\.bias$", 0),
     (r"(^|\.)out\.kernel$", 0),
     (r"(^|\.)out\.bias$", None),
-    # Embeddings, norms, lm_head and everything else: replicated.
+    # An untied vocabulary head: column parallel (the logits come out split over V).
+    (r"(^|\.)lm_head\.kernel$", 1),
+    # Embeddings, norms and everything else: replicated.
     (r"(^|\.)(embed_tokens|lm_head|norm|embedding)", None),
 )
 

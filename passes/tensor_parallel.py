@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ligerjax import ops
 from ligerjax.compiler import ir
 from ligerjax.compiler.pass_manager import PassContext, PassReport
 from ligerjax.compiler.trace import Traced
-from ligerjax.ops import ATTENTION_NAME
 from passes.partition_rules import resolve_split
 
 
@@ -47,8 +45,6 @@ class _Run:
     n: int
     rewrites: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    # (causal, sm_scale) of each ligerjax_attention body, probed before tracing.
-    attention: dict[int, tuple[bool, float] | None] = dataclasses.field(default_factory=dict)
 
 
 Rule = Callable[[ir.JaxprEqn, list[Sharded], _Run], list[Sharded]]
@@ -328,37 +324,6 @@ def split_call(eqn: ir.JaxprEqn, ins: list[Sharded], run: _Run) -> list[Sharded]
     return _interpret(body, ins, run)
 
 
-@functools.lru_cache(maxsize=64)
-def _probe_attention(body: ir.ClosedJaxpr) -> tuple[bool, float] | None:
-    """Recover (causal, sm_scale) of a traced ``ligerjax_attention`` body by running it.
-
-    One key of S aligned with the query scores ``sm_scale`` and the others 0, so the output
-    weight of that key is ``e^s / (e^s + S - 1)``; a query at position 0 sees only key 0 iff
-    the mask is causal.
-    """
-    q_aval, k_aval = body.jaxpr.invars[0].aval, body.jaxpr.invars[1].aval
-    B, T, H, D = q_aval.shape
-    S, K = k_aval.shape[1], k_aval.shape[2]
-    if S < 2:
-        return None
-    q = np.zeros((B, T, H, D), q_aval.dtype)
-    q[..., 0] = 1
-    k = np.zeros((B, S, K, D), k_aval.dtype)
-    k[:, 0, :, 0] = 1
-    lens = np.full((B,), S, np.int32)
-    fn = jax.jit(ir.jaxpr_fun(body))
-    seen_all = fn(q, k, k, np.full((B, T), S - 1, np.int32), lens)[0]
-    first_only = fn(q, k, k, np.zeros((B, T), np.int32), lens)[0]
-    o = float(seen_all[0, 0, 0, 0])
-    if not 0 < o < 1:
-        return None
-    scale = math.log(o * (S - 1) / (1 - o))
-    if abs(scale - D**-0.5) <= 1e-4 * D**-0.5:
-        scale = D**-0.5
-    causal = float(first_only[0, 0, 0, 0]) > o + 1e-4
-    return causal, scale
-
-
 def _local_kv_heads(eqn: ir.JaxprEqn, k: Any, v: Any, run: _Run) -> tuple[Any, Any] | None:
     """The KV heads that this device's query heads attend with (GQA groups stay whole)."""
     H, K = eqn.invars[0].aval.shape[2], eqn.invars[1].aval.shape[2]
@@ -379,12 +344,10 @@ def _local_kv_heads(eqn: ir.JaxprEqn, k: Any, v: Any, run: _Run) -> tuple[Any, A
 
 def split_attention(eqn: ir.JaxprEqn, ins: list[Sharded], run: _Run) -> list[Sharded]:
     """``ligerjax_attention`` with q/k/v split by heads: attention on the local heads."""
-    from ligerjax.ops import ligerjax_attention
-
     if all(s.dim is None for s in ins):
         return _replicated(eqn, [s.val for s in ins])
     q, k, v, qpos, lens = ins
-    probed = run.attention.get(id(eqn.params["jaxpr"]))
+    probed = ops.attention_params(eqn)
     if probed is None or (q.dim, qpos.dim, lens.dim) != (2, None, None):
         return default_rule(eqn, ins, run)
     if (k.dim, v.dim) == (None, None):  # K/V replicated (few KV heads): take this shard's
@@ -396,12 +359,14 @@ def split_attention(eqn: ir.JaxprEqn, ins: list[Sharded], run: _Run) -> list[Sha
         return default_rule(eqn, ins, run)
     causal, scale = probed
     run.rewrites["attention_local_heads"] += 1
-    out = ligerjax_attention(q.val, k.val, v.val, qpos.val, lens.val, causal=causal, sm_scale=scale)
+    out = ops.ligerjax_attention(
+        q.val, k.val, v.val, qpos.val, lens.val, causal=causal, sm_scale=scale
+    )
     return [Sharded(out, 2, q.origin)]
 
 
 def split_jit(eqn: ir.JaxprEqn, ins: list[Sharded], run: _Run) -> list[Sharded]:
-    if ir.eqn_name(eqn) == ATTENTION_NAME:
+    if ops.is_attention(eqn):
         return split_attention(eqn, ins, run)
     return split_call(eqn, ins, run)
 
@@ -569,9 +534,6 @@ def tensor_parallel(traced: Traced, ctx: PassContext) -> TPProgram:
         local_avals.append(jax.ShapeDtypeStruct(tuple(shape), a.dtype))
 
     run = _Run(axis=axis, n=n)
-    for eqn in ir.iter_eqns(traced.jaxpr):  # probe outside the trace: it runs the bodies
-        if ir.eqn_name(eqn) == ATTENTION_NAME:
-            run.attention[id(eqn.params["jaxpr"])] = _probe_attention(eqn.params["jaxpr"])
     out_dims: list[int | None] = []
 
     def local_fn(*vals: Any) -> list[Any]:

@@ -54,8 +54,9 @@ def ligerjax_rate(model: str, prompt: str, n: int, repeats: int) -> tuple[float,
 
 def transformers_rate(model: str, ids: list[int], n: int, repeats: int, threads: int) -> float:
     import torch
-    from models.loader import resolve_checkpoint
     from transformers import AutoModelForCausalLM
+
+    from models.loader import resolve_checkpoint
 
     torch.set_num_threads(threads)
     path = resolve_checkpoint(model)

@@ -201,7 +201,7 @@ def piece_duration(op: Op, rows: int, cost: CostModel | None = None) -> float:
 
 def _piece(op: Op, lo: int, hi: int, cost: CostModel | None) -> Op:
     duration, flops, nbytes = _piece_cost(op, hi - lo, cost)
-    base, offset = _base_name(op)
+    base, offset = base_name(op)
     return op.replace(
         name=f"{base}[{offset + lo}:{offset + hi}]",
         duration_s=duration,
@@ -211,7 +211,7 @@ def _piece(op: Op, lo: int, hi: int, cost: CostModel | None) -> Op:
     )
 
 
-def _base_name(op: Op) -> tuple[str, int]:
+def base_name(op: Op) -> tuple[str, int]:
     """Name and row offset of ``op`` within the op it was cut from (``qkv[8:16]`` -> 8)."""
     name = op.name
     if name.endswith("]") and "[" in name:

@@ -62,6 +62,7 @@ class InterleaveConfig:
     split_kinds: tuple[OpKind, ...] = (COMPUTE,)
     slack: float = 0.0
     skip_blocked: bool = False
+    place_oversized: bool = False
 
     def __post_init__(self) -> None:
         if self.factor < 1:
@@ -167,13 +168,14 @@ class _Planner:
                 f = self.contention.factor(op.kind.value)
                 if op.duration_s * f > room - used:
                     rows = self._head_that_fits(op, room - used, f)
-                    if rows == 0:
+                    if rows == 0 and not (self.config.place_oversized and not placed):
                         blocked = True
                         break
-                    head, tail = split_op(op, rows, self.cost)
-                    cur.pending[0] = tail
-                    cur.pending.appendleft(head)
-                    op = head
+                    if rows:
+                        head, tail = split_op(op, rows, self.cost)
+                        cur.pending[0] = tail
+                        cur.pending.appendleft(head)
+                        op = head
                 ref = cur.place(SECONDARY)
                 used += op.duration_s * f
                 placed.append(ref)

@@ -135,7 +135,8 @@ def test_partition_rules_user_first_then_defaults():
     assert resolve_split("layers.3.mlp.gate_proj.kernel", 2) == 1
     assert resolve_split("layers.3.self_attn.o_proj.kernel", 2) == 0
     assert resolve_split("layers.3.attn.out.kernel", 3) == 0
-    assert resolve_split("lm_head.kernel", 2) is None
+    assert resolve_split("lm_head.kernel", 2) == 1
+    assert resolve_split("lm_head.bias", 1) is None
     assert resolve_split("layers.3.mlp.gate_proj.kernel", 2, ((r"gate_proj", None),)) is None
     with pytest.raises(ValueError, match="dim 5"):
         resolve_split("w", 2, ((r"w", 5),))

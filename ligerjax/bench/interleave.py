@@ -1,0 +1,147 @@
+"""Interleaved vs sequential steps of @ligerize, planned, compiled and read back.
+
+For each model shape a decode-sized primary batch and a prefill-sized secondary batch run
+through ``ligerize(model).plan(...)``: the tensor-parallel pass, the function assembler,
+Liger's planner (windows sized by the cost model, at most ``--max-inflation`` of primary
+latency spent), decomposition and the emit pass's barriers, then a compile for the target
+(deviceless for GPUs) whose scheduled HLO is read back for the overlap coverage. The same
+step is compiled once more without the barriers, the peer it is measured against.
+
+Steady state, as Liger serves: each step runs the primary plus the secondary work its
+windows took; the rest of the prefill waits for later steps. ``throughput_ratio`` is the
+predicted time of that work run back to back over the interleaved step's time;
+``primary_inflation`` is the interleaved primary latency over its solo latency, minus one.
+Models: ``smollm2`` (SmolLM2-135M's shape, TP=3: its 9 heads / 3 KV heads) and ``7b``
+(hidden 4096, 32 heads, 2 layers, bf16). Weights are abstract: nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from ligerjax.cost.cost_model import CostModel
+from ligerjax.schedule import FunctionVector, InterleaveConfig, interleave_greedy, simulate
+
+MODELS = ("smollm2", "7b")
+TARGETS = ("cpu", "h100", "a100", "a100-pcie")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--target", default="a100-pcie", choices=TARGETS[1:])
+    parser.add_argument("--primary-tokens", type=int, default=32)
+    parser.add_argument("--secondary-tokens", type=int, default=1024)
+    parser.add_argument("--max-inflation", type=float, default=0.05)
+    parser.add_argument(
+        "--no-cpu-compile", action="store_true", help="skip compiling SmolLM2 for this CPU"
+    )
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    tp: int
+    config: object
+
+
+def _shapes() -> dict[str, Shape]:
+    from models import LlamaConfig
+
+    seven_b = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=2,
+        num_heads=32,
+        num_kv_heads=32,
+        dtype="bfloat16",
+    )
+    return {
+        "smollm2": Shape("smollm2-135m", 3, LlamaConfig.preset("smollm2-135m")),
+        "7b": Shape("7b-like", 4, seven_b),
+    }
+
+
+def steady_state(
+    primary: FunctionVector, secondary: FunctionVector, cost: CostModel, slack: float
+) -> tuple[float, float, float]:
+    """(interleaved step s, the same work back to back s, primary latency inflation)."""
+    config = InterleaveConfig(factor=16, slack=slack, place_oversized=True)
+    plan = interleave_greedy(primary, [secondary], cost=cost, config=config, append_leftover=False)
+    timeline = simulate(plan.schedule, cost.contention)
+    placed = plan.schedule.vectors[1].duration_s
+    inflation = timeline.primary_latency / primary.duration_s - 1
+    return timeline.makespan_s, primary.duration_s + placed, inflation
+
+
+def _ligerized(shape: Shape):  # type: ignore[no-untyped-def]
+    from flax import nnx
+
+    from ligerjax.ligerized import ligerize
+    from models import Llama
+
+    model = nnx.eval_shape(lambda: Llama(shape.config, rngs=nnx.Rngs(0)))
+    return ligerize(model)
+
+
+def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
+    from passes.interleave import slack_for
+
+    lm = _ligerized(shape)
+    p = (jax.ShapeDtypeStruct((1, args.primary_tokens), jnp.int32),)
+    s = (jax.ShapeDtypeStruct((1, args.secondary_tokens), jnp.int32),)
+    t0 = time.perf_counter()
+    tied = lm.plan(p, s, target=args.target, num_devices=shape.tp)
+    plan_s = time.perf_counter() - t0
+    plain = lm.plan(p, s, target=args.target, num_devices=shape.tp, barriers=False)
+    asm_primary = tied.primary
+    secondary = tied.sequential.schedule.vectors[1]
+    step, back_to_back, inflation = steady_state(
+        asm_primary, secondary, cost, slack_for(asm_primary, args.max_inflation)
+    )
+    fields = {
+        "bench": "interleave",
+        "model": shape.name,
+        "target": args.target,
+        "tp": shape.tp,
+        "primary_tokens": args.primary_tokens,
+        "secondary_tokens": args.secondary_tokens,
+        "step_us": f"{step * 1e6:.1f}",
+        "sequential_us": f"{back_to_back * 1e6:.1f}",
+        "throughput_ratio": f"{back_to_back / step:.3f}",
+        "primary_inflation": f"{inflation:.3f}",
+        "coverage": f"{tied.overlap_coverage:.2f}",
+        "coverage_no_barriers": f"{plain.overlap_coverage:.2f}",
+        "comm_fraction": f"{asm_primary.comm_s / asm_primary.duration_s:.3f}",
+        "gpu_compile_s": f"{tied.compile_s:.1f}",
+        "plan_s": f"{plan_s:.1f}",
+    }
+    if shape.name.startswith("smollm2") and not args.no_cpu_compile:
+        cpu = lm.plan(p, s, target="cpu", num_devices=shape.tp)
+        fields["cpu_compile_s"] = f"{cpu.compile_s:.1f}"
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def run(args: argparse.Namespace) -> int:
+    need = 0 if args.no_cpu_compile or "smollm2" not in args.models else 3
+    if jax.device_count() < need:  # the CPU compile needs 3 devices: JAX reads XLA_FLAGS once
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+        cmd = [sys.executable, "-m", "ligerjax.cli", "bench", "interleave", *sys.argv[3:]]
+        return subprocess.call(cmd, env=env)
+    from ligerjax.ligerized import PLAN_TARGETS
+
+    cost = CostModel.for_device(PLAN_TARGETS[args.target])
+    shapes = _shapes()
+    for name in tqdm(args.models, desc="bench interleave", unit="model"):
+        print(_line(shapes[name], args, cost), flush=True)
+    return 0
