@@ -288,8 +288,7 @@ class Ligerized:
 
     def __call__(self, *args: Any) -> Any:
         """The model's outputs for ``args``, computed with the parallel program."""
-        program = self._cached(("one", _signature(args)), lambda: self._build_one(args))
-        return program(self._weights(), *args)
+        return self._one(args)(self._weights(), *args)
 
     def interleaved(self, primary_args: tuple, secondary_args: tuple) -> tuple[Any, Any]:
         """``(model(*primary_args), model(*secondary_args))`` as one XLA program in which
@@ -298,7 +297,7 @@ class Ligerized:
         key = ("pair", _signature(primary_args), _signature(secondary_args))
         program = self._cached(key, lambda: self._build_pair(primary_args, secondary_args))
         flat = (*primary_args, *secondary_args)
-        if isinstance(program, InterleavedProgram):
+        if isinstance(program, (InterleavedProgram, PipelinePair)):
             return program(self._weights(), primary_args, secondary_args)
         return program(self._weights(), *flat)
 
@@ -379,16 +378,49 @@ class Ligerized:
         both = _pair_call(self._call, len(primary_args))
         return trace_module(self.model, *primary_args, *secondary_args, call=both)
 
+    def _one(self, args: tuple) -> Any:
+        return self._cached(("one", _signature(args)), lambda: self._build_one(args))
+
     def _build_pair(self, primary_args: tuple, secondary_args: tuple) -> Any:
-        traced = self._trace_pair(primary_args, secondary_args)
         c = self.config
-        mesh = c.resolved_mesh()
-        if c.pp_axis is None and c.passes is None:
+        if c.pp_axis is not None and c.passes is None:
+            return PipelinePair(self._one(primary_args), self._one(secondary_args))
+        traced = self._trace_pair(primary_args, secondary_args)
+        if c.passes is None:
             cost = c.cost_model or CostModel.for_device("cpu")
             num_p = len(jax.tree_util.tree_leaves(primary_args))
+            mesh = c.resolved_mesh()
             return build_interleaved(traced, num_p, c, mesh, cost, barriers=c.interleave)
         program, _ = PassManager(self._passes()).run(traced, self._ctx())
         return program
+
+
+class PipelinePair:
+    """Two batches through their pipelined programs inside one jitted XLA program.
+
+    The pipeline pass cuts one chain of layers; the two batches are two chains, so each gets
+    its own stage program (the cut may differ with the shapes) and one ``jax.jit`` runs
+    both: XLA's scheduler then overlaps one batch's collective-permutes with the other's
+    stage compute. The emit pass's barrier ties are for tensor parallelism only.
+    """
+
+    def __init__(self, primary: Any, secondary: Any) -> None:
+        self.primary, self.secondary = primary, secondary
+        self._same_cut = [st.weight_paths for st in primary.stages] == [
+            st.weight_paths for st in secondary.stages
+        ]
+
+        def both(bp: Any, bs: Any, p_args: tuple, s_args: tuple) -> tuple[Any, Any]:
+            return primary.run_packed(bp, *p_args), secondary.run_packed(bs, *s_args)
+
+        self._fn = jax.jit(both)
+
+    def __call__(
+        self, weights: Sequence[jax.Array], primary_args: tuple, secondary_args: tuple
+    ) -> Any:
+        bp = self.primary.pack_weights(weights)
+        bs = bp if self._same_cut else self.secondary.pack_weights(weights)
+        return self._fn(bp, bs, primary_args, secondary_args)
 
 
 def default_passes(config: LigerizeConfig) -> tuple[Any, ...]:

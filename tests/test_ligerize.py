@@ -160,3 +160,29 @@ def test_bad_keywords_are_named():
         ligerize(_llama(), mesh="tp")
     with pytest.raises(ValueError, match=r"neither an nnx\.Module"):
         ligerize(42, mesh=_mesh(2))
+
+
+# -- pipeline and tensor × pipeline parallelism -------------------------------------------
+
+
+def _grid(pp: int, tp: int) -> jax.sharding.Mesh:
+    devices = np.array(jax.devices()[: pp * tp]).reshape(pp, tp)
+    return jax.sharding.Mesh(devices, ("pp", "tp"))
+
+
+@pytest.mark.parametrize(("pp", "tp"), [(2, 1), (4, 1), (2, 4), (4, 2)])
+def test_llama_pipeline_and_tp_x_pp_match_the_model(pp, tp):
+    cfg = LlamaConfig.preset("tiny", num_layers=4, num_heads=8, num_kv_heads=4)
+    model = Llama(cfg, rngs=nnx.Rngs(3))
+    lm = ligerize(model, mesh=_grid(pp, tp), pp_axis="pp")
+    _close(lm(P_TOKENS), model(P_TOKENS))
+    p_out, s_out = lm.interleaved((P_TOKENS,), (S_TOKENS,))
+    _close((p_out, s_out), (model(P_TOKENS), model(S_TOKENS)))
+
+
+def test_pipeline_on_the_mlp_stack(mlp_stack):
+    model, (x,), rules = mlp_stack
+    lm = ligerize(model, mesh=_grid(2, 2), pp_axis="pp", partition_rules=rules)
+    big = jax.random.normal(jax.random.key(6), (8, 16))
+    _close(lm(x), model(x))
+    _close(lm.interleaved((x,), (big,)), (model(x), model(big)))
