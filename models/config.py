@@ -101,7 +101,8 @@ class LlamaConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
-        """A named configuration: ``tiny`` (tests) or ``smollm2-135m``."""
+        """A named configuration: ``tiny`` (tests), ``smollm2-135m`` or ``llama2-7b`` (its
+        shape, bf16: for compile-only studies with abstract weights)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
@@ -143,5 +144,16 @@ PRESETS: dict[str, LlamaConfig] = {
         bos_token_id=1,
         eos_token_ids=(2,),
         name="smollm2-135m",
+    ),
+    "llama2-7b": LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        max_position_embeddings=4096,
+        dtype="bfloat16",
+        name="llama2-7b",
     ),
 }

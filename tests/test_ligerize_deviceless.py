@@ -21,15 +21,7 @@ from models import Llama, LlamaConfig
 
 pytestmark = [pytest.mark.deviceless, pytest.mark.slow]
 
-LLAMA_7B_LIKE = LlamaConfig(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_layers=2,
-    num_heads=32,
-    num_kv_heads=32,
-    dtype="bfloat16",
-)
+LLAMA_7B_LIKE = LlamaConfig.preset("llama2-7b", num_layers=2)
 PRIMARY = (jax.ShapeDtypeStruct((1, 32), jnp.int32),)
 SECONDARY = (jax.ShapeDtypeStruct((1, 1024), jnp.int32),)
 

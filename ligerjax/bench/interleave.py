@@ -56,15 +56,7 @@ class Shape:
 def _shapes() -> dict[str, Shape]:
     from models import LlamaConfig
 
-    seven_b = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_layers=2,
-        num_heads=32,
-        num_kv_heads=32,
-        dtype="bfloat16",
-    )
+    seven_b = LlamaConfig.preset("llama2-7b", num_layers=2)
     return {
         "smollm2": Shape("smollm2-135m", 3, LlamaConfig.preset("smollm2-135m")),
         "7b": Shape("7b-like", 4, seven_b),
