@@ -15,10 +15,13 @@ r_p, y_s = optimization_barrier((r_p, y_s))   # the window closes: both continue
 
 The first barrier holds the piece until the primary reaches its collective; the second
 keeps the piece inside the window and stops the dot merger from pulling pieces of
-different windows together (they are no longer independent). Compute windows filled with
-secondary collectives are tied the same way. Every equation is traced under
-``jax.named_scope("primary" | "secondary")``, so the compiled HLO's ``op_name`` metadata
-tells the batches apart when the schedule is read back.
+different windows together (they are no longer independent). The secondary work no
+window took (the tail) is tied to the primary's results, so that XLA's all-reduce
+combiner cannot merge a primary collective with a secondary one (measured on the
+A100-PCIe plan of the 7B-like step: the merged all-reduce was synchronous and ~14× as
+long). Compute windows filled with secondary collectives are tied the same way. Every
+equation is traced under ``jax.named_scope("primary" | "secondary")``, so the compiled
+HLO's ``op_name`` metadata tells the batches apart when the schedule is read back.
 
 ``barriers=False`` emits the same equations in the same order without ties: the program
 XLA schedules on its own, against which the measures are judged.
@@ -100,6 +103,9 @@ def emit(
                 readers.setdefault(v, set()).add(i)
     returned = {v for v in j.outvars if not ir.is_literal(v)}
     groups = _groups(dec, step)
+    primary_results = [
+        v for v in j.outvars if not ir.is_literal(v) and v in _defined_by(j, dec, PRIMARY)
+    ]
     emitted = [i for g in groups for i in (*g.primary, *g.secondary)]
     if sorted(emitted) != list(range(len(j.eqns))):
         raise AssertionError("emit: the plan does not cover every equation exactly once")
@@ -124,6 +130,12 @@ def emit(
             if tied:
                 ties += 1
                 tie(_live_in(j, members, weights))
+            elif barriers and g is groups[-1] and g.secondary:
+                # The tail starts once the primary's results exist: otherwise XLA's
+                # all-reduce combiner may merge a primary collective with the tail's, and
+                # the primary waits for the secondary's communication.
+                ties += 1
+                tie([*primary_results, *_live_in(j, members, weights)])
             for scope, idx in ((PRIMARY_SCOPE, g.primary), (SECONDARY_SCOPE, g.secondary)):
                 with jax.named_scope(scope):
                     for i in idx:
@@ -137,6 +149,10 @@ def emit(
     new = ir.make_jaxpr(run, *[v.aval for v in j.invars], axis_env=axis_env)
     report = PassReport(name="emit", rewrites={"windows_tied": ties, "barriers": 2 * ties})
     return Emitted(jaxpr=new, barriers=barriers, report=report)
+
+
+def _defined_by(j: ir.Jaxpr, dec: Decomposed, role: str) -> set[Any]:
+    return {v for i, e in enumerate(j.eqns) if dec.roles[i] == role for v in e.outvars}
 
 
 def _live_in(j: ir.Jaxpr, members: set[int], weights: set[Any]) -> list[Any]:

@@ -119,15 +119,27 @@ def slack_for(primary: FunctionVector, max_inflation: float) -> float:
     return max_inflation * primary.duration_s / primary.comm_s if primary.comm_s > 0 else 0.0
 
 
+def planner_config(
+    primary: FunctionVector, *, factor: int = 16, max_inflation: float = 0.05
+) -> InterleaveConfig:
+    """The planner's knobs for a step whose primary may be delayed by ``max_inflation`` of
+    its solo time: window slack and the plan's delay budget both come from it."""
+    return InterleaveConfig(
+        factor=factor,
+        split_kinds=(COMPUTE,) if factor > 1 else (),
+        slack=slack_for(primary, max_inflation),
+        place_oversized=True,
+        max_delay_s=max_inflation * primary.duration_s,
+    )
+
+
 def interleave(
     asm: Assembled, cost: CostModel, *, factor: int = 16, max_inflation: float = 0.05
 ) -> StepPlan:
     """Plan one step of ``asm``'s primary and secondary batches (``factor=1``: no cuts),
     letting the secondary's work delay the primary by at most ``max_inflation`` of its
     solo time (the windows' slack, :func:`slack_for`)."""
-    slack = slack_for(asm.primary, max_inflation)
-    kinds = (COMPUTE,) if factor > 1 else ()
-    config = InterleaveConfig(factor=factor, split_kinds=kinds, slack=slack, place_oversized=True)
+    config = planner_config(asm.primary, factor=factor, max_inflation=max_inflation)
     plan = interleave_greedy(asm.primary, [asm.secondary], cost=cost, config=config)
     windows, placed = [], set()
     for seg, fill in zip(asm.primary.segments(), plan.windows, strict=True):

@@ -62,7 +62,8 @@ def test_interleaved_program_ties_every_primary_all_reduce_to_secondary_work():
     comm_windows = [w for w in step.windows if w.kind == "comm"]
     assert len(comm_windows) == 2 * layers
     tied = [w for w in step.windows if w.primary_ops and w.secondary_ops]
-    assert counts["optimization_barrier"] == 2 * len(tied)
+    # Two per filled window, and one holding the tail back until the primary is done.
+    assert counts["optimization_barrier"] == 2 * len(tied) + bool(step.tail)
     assert all(w.secondary_ops for w in comm_windows)
 
 

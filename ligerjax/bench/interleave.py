@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from ligerjax.cost.cost_model import CostModel
-from ligerjax.schedule import FunctionVector, InterleaveConfig, interleave_greedy, simulate
+from ligerjax.schedule import FunctionVector, interleave_greedy, simulate
+from passes.interleave import planner_config
 
 MODELS = ("smollm2", "7b")
 TARGETS = ("cpu", "h100", "a100", "a100-pcie")
@@ -64,10 +65,10 @@ def _shapes() -> dict[str, Shape]:
 
 
 def steady_state(
-    primary: FunctionVector, secondary: FunctionVector, cost: CostModel, slack: float
+    primary: FunctionVector, secondary: FunctionVector, cost: CostModel, max_inflation: float
 ) -> tuple[float, float, float]:
     """(interleaved step s, the same work back to back s, primary latency inflation)."""
-    config = InterleaveConfig(factor=16, slack=slack, place_oversized=True)
+    config = planner_config(primary, max_inflation=max_inflation)
     plan = interleave_greedy(primary, [secondary], cost=cost, config=config, append_leftover=False)
     timeline = simulate(plan.schedule, cost.contention)
     placed = plan.schedule.vectors[1].duration_s
@@ -75,20 +76,18 @@ def steady_state(
     return timeline.makespan_s, primary.duration_s + placed, inflation
 
 
-def _ligerized(shape: Shape):  # type: ignore[no-untyped-def]
+def _ligerized(shape: Shape, max_inflation: float):  # type: ignore[no-untyped-def]
     from flax import nnx
 
     from ligerjax.ligerized import ligerize
     from models import Llama
 
     model = nnx.eval_shape(lambda: Llama(shape.config, rngs=nnx.Rngs(0)))
-    return ligerize(model)
+    return ligerize(model, max_inflation=max_inflation)
 
 
 def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
-    from passes.interleave import slack_for
-
-    lm = _ligerized(shape)
+    lm = _ligerized(shape, args.max_inflation)
     p = (jax.ShapeDtypeStruct((1, args.primary_tokens), jnp.int32),)
     s = (jax.ShapeDtypeStruct((1, args.secondary_tokens), jnp.int32),)
     t0 = time.perf_counter()
@@ -97,9 +96,7 @@ def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
     plain = lm.plan(p, s, target=args.target, num_devices=shape.tp, barriers=False)
     asm_primary = tied.primary
     secondary = tied.sequential.schedule.vectors[1]
-    step, back_to_back, inflation = steady_state(
-        asm_primary, secondary, cost, slack_for(asm_primary, args.max_inflation)
-    )
+    step, back_to_back, inflation = steady_state(asm_primary, secondary, cost, args.max_inflation)
     fields = {
         "bench": "interleave",
         "model": shape.name,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,12 +64,15 @@ class InterleaveConfig:
     slack: float = 0.0
     skip_blocked: bool = False
     place_oversized: bool = False
+    max_delay_s: float = math.inf
 
     def __post_init__(self) -> None:
         if self.factor < 1:
             raise ValueError(f"InterleaveConfig.factor={self.factor}: must be >= 1")
         if not self.slack >= 0:
             raise ValueError(f"InterleaveConfig.slack={self.slack}: must be >= 0")
+        if not self.max_delay_s >= 0:
+            raise ValueError(f"InterleaveConfig.max_delay_s={self.max_delay_s}: must be >= 0")
         object.__setattr__(self, "split_kinds", tuple(self.split_kinds))
         for kind in self.split_kinds:
             if not isinstance(kind, OpKind):
@@ -142,6 +146,7 @@ class _Planner:
         self.config = config
         self.order: list[OpRef] = []
         self.start_after: list[tuple[OpRef, OpRef]] = []
+        self.delay_s = 0.0  # the primary's predicted delay so far
 
     def run_primary_segment(self, primary: _Cursor) -> tuple[OpKind, float, OpRef]:
         """Place the primary's next segment; return its kind, solo duration, first op."""
@@ -159,7 +164,10 @@ class _Planner:
         self, kind: OpKind, budget: float, anchor: OpRef, secondaries: Sequence[_Cursor]
     ) -> WindowFill:
         """Fill a ``kind`` window of solo length ``budget`` with the other kind."""
-        room = budget * (1 + self.config.slack)
+        f_primary = self.contention.factor(kind.value)
+        left = self.config.max_delay_s - self.delay_s
+        cap = _most_used(left, budget, f_primary)  # what the delay budget allows
+        room = min(budget * (1 + self.config.slack), cap)
         used, placed = 0.0, []
         for cur in secondaries:
             blocked = False
@@ -168,7 +176,10 @@ class _Planner:
                 f = self.contention.factor(op.kind.value)
                 if op.duration_s * f > room - used:
                     rows = self._head_that_fits(op, room - used, f)
-                    if rows == 0 and not (self.config.place_oversized and not placed):
+                    oversized = (
+                        self.config.place_oversized and not placed and op.duration_s * f <= cap
+                    )
+                    if rows == 0 and not oversized:
                         blocked = True
                         break
                     if rows:
@@ -183,6 +194,7 @@ class _Planner:
                 self.start_after.append((ref, anchor))
             if blocked and not self.config.skip_blocked:
                 break
+        self.delay_s += used - min(used / f_primary, budget)
         return WindowFill(kind, budget, used, tuple(placed))
 
     def _head_that_fits(self, op: Op, room: float, f: float) -> int:
@@ -199,6 +211,17 @@ class _Planner:
             if piece_duration(op, rows, self.cost) * f <= room:
                 return rows
         return 0
+
+
+def _most_used(delay_s: float, budget: float, f: float) -> float:
+    """The most secondary time a window of solo length ``budget`` can take while delaying
+    the primary (slowed by ``f`` while overlapped) by at most ``delay_s``."""
+    if delay_s == math.inf:
+        return math.inf
+    delay_s = max(delay_s, 0.0)
+    if f > 1 and delay_s <= budget * (f - 1):
+        return delay_s / (1 - 1 / f)
+    return delay_s + budget
 
 
 def _resolve_contention(cost: CostModel | None, contention: Contention | None) -> Contention:

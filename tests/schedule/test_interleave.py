@@ -106,3 +106,45 @@ def test_interleaving_real_layers_keeps_the_primary_within_contention_of_alone()
     alone = prim.duration_s
     assert alone <= tl.primary_latency <= alone * cost.contention.comm + 1e-12
     assert 0 < plan.coverage <= 1
+
+
+def test_the_delay_budget_limits_what_windows_take():
+    """Comm windows of 1.0 s, primary comm slowed 1.25x when overlapped: a window holding
+    u seconds of secondary work delays the primary by u - min(u / 1.25, 1.0) = u / 5."""
+    prim = FunctionVector(
+        (
+            Op("c", COMPUTE, duration_s=1.0),
+            Op("m1", COMM, duration_s=1.0),
+            Op("c2", COMPUTE, duration_s=1.0),
+            Op("m2", COMM, duration_s=1.0),
+        ),
+        name="p",
+    )
+    sec = FunctionVector(tuple(Op(f"s{i}", COMPUTE, duration_s=0.1) for i in range(30)), name="s")
+    both = Contention(compute=1.0, comm=1.25)
+    config = InterleaveConfig(max_delay_s=0.3)
+    plan = interleave_greedy(prim, [sec], contention=both, config=config, append_leftover=False)
+    used = [w.used_s for w in plan.windows if w.kind is COMM]
+    # Window 1 takes 1.0 s (delay 0.2 s), window 2 only what 0.1 s of delay allows: 0.5 s.
+    assert used == pytest.approx([1.0, 0.5])
+    unlimited = interleave_greedy(prim, [sec], contention=both, append_leftover=False)
+    assert [w.used_s for w in unlimited.windows if w.kind is COMM] == pytest.approx([1.0, 1.0])
+
+
+def test_an_oversized_op_takes_an_empty_window_only_within_the_delay_budget():
+    prim = FunctionVector(
+        (Op("c", COMPUTE, duration_s=1.0), Op("m", COMM, duration_s=1.0)), name="p"
+    )
+    big = FunctionVector((Op("big", COMPUTE, duration_s=1.5),), name="big")
+    none = Contention.none()
+    placed = interleave_greedy(
+        prim, [big], contention=none, config=InterleaveConfig(place_oversized=True)
+    )
+    assert len(placed.windows[1].placed) == 1
+    over_budget = interleave_greedy(
+        prim,
+        [big],
+        contention=none,
+        config=InterleaveConfig(place_oversized=True, max_delay_s=0.4),
+    )
+    assert over_budget.windows[1].placed == ()
