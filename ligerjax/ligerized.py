@@ -57,9 +57,11 @@ PLAN_TARGETS = {"cpu": "cpu", "h100": "h100-sxm", "a100": "a100-sxm", "a100-pcie
 class LigerizeConfig:
     """The keyword arguments of :func:`ligerize`, validated.
 
-    ``max_inflation`` bounds how much the secondary may delay the primary (a fraction of
-    its solo step time, spent as window overrun); ``max_factor`` is
-    the decomposition granularity (a secondary op is cut at multiples of 1/max_factor).
+    ``strict``: a split value reaching a primitive with no split rule raises instead of
+    being all-gathered. ``max_inflation`` bounds how much the secondary may delay the
+    primary (a fraction of its solo step time: contention slowdown plus window overrun);
+    ``max_factor`` is the decomposition granularity (a secondary op is cut at multiples of
+    1/max_factor).
     """
 
     mesh: jax.sharding.Mesh | None = None
@@ -70,6 +72,7 @@ class LigerizeConfig:
     cost_model: CostModel | None = None
     passes: tuple[Any, ...] | None = None
     num_microbatches: int = 1
+    strict: bool = False
     max_inflation: float = 0.05
     max_factor: int = 16
 
@@ -230,7 +233,12 @@ def build_interleaved(
 ) -> InterleavedProgram:
     """Run the tensor-parallel pass on the two-batch step, then assemble → decompose →
     interleave → emit (the last three only when ``barriers``)."""
-    ctx = PassContext(mesh=mesh, tp_axis=config.tp_axis, partition_rules=config.partition_rules)
+    ctx = PassContext(
+        mesh=mesh,
+        tp_axis=config.tp_axis,
+        partition_rules=config.partition_rules,
+        strict=config.strict,
+    )
     tp = tensor_parallel(traced, ctx)
     n = mesh.shape[config.tp_axis]
     axis_env = [(config.tp_axis, n)]
@@ -362,6 +370,7 @@ class Ligerized:
             num_microbatches=c.num_microbatches,
             cost_model=c.cost_model,
             partition_rules=c.partition_rules,
+            strict=c.strict,
         )
 
     def _passes(self) -> tuple[Any, ...]:

@@ -43,6 +43,7 @@ class _Run:
 
     axis: str
     n: int
+    strict: bool = False
     rewrites: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -76,8 +77,17 @@ def _origin(ins: Sequence[Sharded]) -> str | None:
 
 
 def default_rule(eqn: ir.JaxprEqn, ins: list[Sharded], run: _Run) -> list[Sharded]:
-    """All-gather split operands, compute replicated (counted as a fallback)."""
+    """All-gather split operands, compute replicated (counted as a fallback); in strict
+    mode, a ValueError naming the primitive and the split operand's origin and dim."""
     if any(s.dim is not None for s in ins):
+        if run.strict:
+            i, s = next((i, s) for i, s in enumerate(ins) if s.dim is not None)
+            raise ValueError(
+                f"tensor_parallel: primitive {eqn.primitive.name!r} has no split rule, and its "
+                f"operand {i} ({s.origin or 'a value'}) is split on dim {s.dim} over mesh axis "
+                f"{run.axis!r}; replicate that parameter with a partition rule, or leave "
+                "strict off to all-gather it"
+            )
         run.fallbacks[eqn.primitive.name] += 1
     return _replicated(eqn, [_gather(s, run) for s in ins])
 
@@ -533,7 +543,7 @@ def tensor_parallel(traced: Traced, ctx: PassContext) -> TPProgram:
             shape[d] //= n
         local_avals.append(jax.ShapeDtypeStruct(tuple(shape), a.dtype))
 
-    run = _Run(axis=axis, n=n)
+    run = _Run(axis=axis, n=n, strict=ctx.strict)
     out_dims: list[int | None] = []
 
     def local_fn(*vals: Any) -> list[Any]:

@@ -187,3 +187,17 @@ def test_pipeline_on_the_mlp_stack(mlp_stack):
     big = jax.random.normal(jax.random.key(6), (8, 16))
     _close(lm(x), model(x))
     _close(lm.interleaved((x,), (big,)), (model(x), model(big)))
+
+
+def test_strict_mode_names_the_primitive_without_a_rule_and_the_split_parameter():
+    class SortsSplit(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.up_proj = nnx.Linear(8, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.sort(self.up_proj(x), axis=-1)
+
+    model, x = SortsSplit(nnx.Rngs(3)), jnp.ones((2, 8))
+    _close(ligerize(model, mesh=_mesh(2))(x), model(x))  # default: all-gather, correct
+    with pytest.raises(ValueError, match=r"'sort' has no split rule.*up_proj\.kernel.*dim 1"):
+        ligerize(model, mesh=_mesh(2), strict=True)(x)

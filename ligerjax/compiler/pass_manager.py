@@ -34,6 +34,8 @@ class PassContext:
     mesh axis the pipeline pass puts stages on (None: no pipeline), cut into
     ``num_microbatches`` micro-batches; ``cost_model`` (a ``ligerjax.cost.CostModel``)
     prices ops for stage balancing and interleaving (None: the passes' default).
+    ``strict`` makes a split value reaching a primitive without a split rule an error
+    instead of an all-gather.
     """
 
     mesh: jax.sharding.Mesh | None = None
@@ -42,6 +44,7 @@ class PassContext:
     num_microbatches: int = 1
     cost_model: Any = None
     partition_rules: tuple[tuple[str, int | None], ...] = ()
+    strict: bool = False
     debug: bool = False
     dump_dir: str | None = None
     atol: float = 1e-5
