@@ -76,6 +76,8 @@ class FallbackBlockSizes:
     block_q: int
     block_k: int
     decode_keys: int  # keys gathered per step of the paged decode fallback
+    ragged_block_q: int  # query tokens per tile of a prefill chunk in the ragged fallback
+    ragged_block_k: int  # keys per step of those tiles
 
 
 # Head dim -> flash tiles on the GPU (Triton). Head dims in between use the next entry up.
@@ -97,7 +99,9 @@ PAGED_ATTENTION: dict[int, PagedBlockSizes] = {
     256: PagedBlockSizes(block_k=32, rows=32, num_warps=8, num_stages=2, target_programs=264),
 }
 
-FALLBACK = FallbackBlockSizes(block_q=256, block_k=512, decode_keys=128)
+FALLBACK = FallbackBlockSizes(
+    block_q=256, block_k=512, decode_keys=128, ragged_block_q=32, ragged_block_k=128
+)
 
 MAX_HEAD_DIM = max(FLASH_ATTENTION)
 

@@ -177,17 +177,20 @@ def ragged_work_items(
     cu_q_lens: jax.Array,  # [B + 1] int32
     num_tokens: int,
     block_q: int,
+    *,
+    min_q_len: int = 1,
 ) -> tuple[jax.Array, jax.Array]:  # [W] int32 each
     """Split the packed query tokens into tiles of at most ``block_q`` tokens of one sequence.
 
     Returns the sequence and first token of each of ``W = ceil(T / block_q) + B`` work items
     (an upper bound on the tiles needed); items past the last tile are empty: they point at
-    sequence ``B - 1`` and start at its end.
+    sequence ``B - 1`` and start at its end. Sequences with fewer than ``min_q_len`` new
+    tokens get no tiles.
     """
     num_seqs = cu_q_lens.shape[0] - 1
     num_items = _cdiv(num_tokens, block_q) + num_seqs
     q_lens_b = cu_q_lens[1:] - cu_q_lens[:-1]
-    tiles_b = _cdiv(jnp.maximum(q_lens_b, 0), block_q)
+    tiles_b = _cdiv(jnp.where(q_lens_b >= min_q_len, jnp.maximum(q_lens_b, 0), 0), block_q)
     ends_b = jnp.cumsum(tiles_b)
     w = jnp.arange(num_items, dtype=jnp.int32)
     seq_w = jnp.searchsorted(ends_b, w, side="right").astype(jnp.int32)
@@ -218,9 +221,13 @@ def blockwise_ragged_paged_attention(
     position ``context_lens[b] - q_len[b] + (t - cu_q_lens[b])`` and sees that sequence's keys
     at positions up to its own. The new tokens' K/V must already be in the pages.
 
-    Query tiles hold about the mean number of new tokens per sequence (``T // B``, at most
-    ``block_q``), ``block_k`` keys per step; when that is 1 (decode batches) all tokens run
-    at once as :func:`blockwise_paged_attention`, each token with its sequence's table.
+    Two passes, so that neither decodes nor prefill chunks pay for the other's tile shape:
+    the sequences with one new token (decodes) run as one batched
+    :func:`blockwise_paged_attention` (one row per sequence), and the sequences with more
+    (prefill chunks) run in query tiles of ``block_q`` tokens of one sequence, ``block_k``
+    keys per step, stopping at the tile's last position; the loop over tiles ends at the
+    last tile in use. Steps with fewer than two tokens per sequence on average (``T < 2B``)
+    run every token as a decode row with its sequence's table, as does ``block_q=1``.
     """
     T, H, D = q.shape
     P, K = k_pages.shape[1], k_pages.shape[2]
@@ -228,14 +235,13 @@ def blockwise_ragged_paged_attention(
     G = H // K
     if T == 0 or B == 0 or M == 0:
         return jnp.zeros_like(q)
-    # Tiles sized to the mean tokens per sequence; decode batches (1-token tiles) run as one
-    # batched decode over the tokens, each with its sequence's block table.
-    bq = min(block_q or FALLBACK.block_q, next_power_of_two(max(1, T // B)))
-    if bq == 1:
-        t_t = jnp.arange(T, dtype=jnp.int32)
-        seq_t = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], t_t, side="right"), B - 1)
+    len_b = jnp.clip(context_lens.astype(jnp.int32), 0, M * P)
+    t_t = jnp.arange(T, dtype=jnp.int32)
+    seq_t = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], t_t, side="right"), B - 1)
+    real_t = t_t < cu_q_lens[B]
+    if (block_q or FALLBACK.ragged_block_q) == 1 or T < 2 * B:
         pos_t = context_lens[seq_t] - cu_q_lens[seq_t + 1] + t_t
-        seen_t = jnp.where(t_t < cu_q_lens[B], jnp.clip(pos_t + 1, 0, M * P), 0)
+        seen_t = jnp.where(real_t, jnp.clip(pos_t + 1, 0, M * P), 0)
         return blockwise_paged_attention(
             q,
             k_pages,
@@ -245,11 +251,26 @@ def blockwise_ragged_paged_attention(
             sm_scale=sm_scale,
             decode_keys=decode_keys,
         )
-    c = max(1, min(M, (block_k or FALLBACK.block_k) // P))  # pages per key step
+    # Decodes: the last token of each one-token sequence, against its whole context.
+    q_len_b = cu_q_lens[1:] - cu_q_lens[:-1]
+    decode_b = q_len_b == 1
+    o_bhd = blockwise_paged_attention(
+        q[jnp.clip(cu_q_lens[1:] - 1, 0, T - 1)],
+        k_pages,
+        v_pages,
+        block_tables,
+        jnp.where(decode_b, len_b, 0),
+        sm_scale=sm_scale,
+        decode_keys=decode_keys,
+    )
+    # Prefill chunks: tiles of one sequence's tokens.
+    bq = min(block_q or FALLBACK.ragged_block_q, next_power_of_two(T))
+    c = max(1, min(M, (block_k or FALLBACK.ragged_block_k) // P))  # pages per key step
     bt_bm = jnp.pad(block_tables, ((0, 0), (0, _cdiv(M, c) * c - M)))
-    seq_w, start_w = ragged_work_items(cu_q_lens, T, bq)
+    seq_w, start_w = ragged_work_items(cu_q_lens, T, bq, min_q_len=2)
+    q_lens_b = jnp.where(q_len_b >= 2, jnp.maximum(q_len_b, 0), 0)
+    num_items = jnp.sum(_cdiv(q_lens_b, bq))
     q_tkgd = jnp.pad(q, ((0, bq), (0, 0), (0, 0))).reshape(T + bq, K, G, D)
-    len_b = jnp.clip(context_lens.astype(jnp.int32), 0, M * P)
 
     def item(w, out_tkgd):
         b, start = seq_w[w], start_w[w]
@@ -273,8 +294,12 @@ def blockwise_ragged_paged_attention(
         steps = jnp.maximum(_cdiv(last_pos + 1, c * P), 0)
         _, l, acc = lax.fori_loop(0, steps, body, _init_carry((K, G, bq), D))
         o_qkgd = _finish(l, acc).transpose(2, 0, 1, 3).astype(q.dtype)
-        rows_q = jnp.where(valid_q, t_q, T + bq)  # out of range: dropped
-        return out_tkgd.at[rows_q].set(o_qkgd, mode="drop")
+        # Rows past the sequence's end keep what is there (a later tile or a decode fills it).
+        old_qkgd = lax.dynamic_slice_in_dim(out_tkgd, start, bq, axis=0)
+        o_qkgd = jnp.where(valid_q[:, None, None, None], o_qkgd, old_qkgd)
+        return lax.dynamic_update_slice_in_dim(out_tkgd, o_qkgd, start, axis=0)
 
-    out = lax.fori_loop(0, seq_w.shape[0], item, jnp.zeros((T, K, G, D), q.dtype))
-    return out.reshape(T, H, D)
+    out = lax.fori_loop(0, num_items, item, jnp.zeros((T + bq, K, G, D), q.dtype))
+    o_thd = out[:T].reshape(T, H, D)
+    decode_t = real_t & decode_b[seq_t]
+    return jnp.where(decode_t[:, None, None], o_bhd[seq_t], o_thd)
