@@ -121,8 +121,9 @@ _COMMENT = re.compile(r"/\*.*?\*/")
 _OPEN, _CLOSE = "([{", ")]}"
 
 
-def _matching(text: str, start: int) -> int:
-    """Index just past the bracket group opening at ``text[start]`` (quotes respected)."""
+def _unquoted(text: str, start: int = 0) -> Iterator[tuple[int, str, int]]:
+    """``(index, char, bracket depth before it)`` of each character of ``text`` from
+    ``start`` that is outside a quoted string (escapes respected)."""
     depth, i, quote = 0, start, False
     while i < len(text):
         ch = text[i]
@@ -133,36 +134,27 @@ def _matching(text: str, start: int) -> int:
                 quote = False
         elif ch == '"':
             quote = True
-        elif ch in _OPEN:
-            depth += 1
-        elif ch in _CLOSE:
-            depth -= 1
-            if depth == 0:
-                return i + 1
+        else:
+            yield i, ch, depth
+            depth += (ch in _OPEN) - (ch in _CLOSE)
         i += 1
+
+
+def _matching(text: str, start: int) -> int:
+    """Index just past the bracket group opening at ``text[start]`` (quotes respected)."""
+    for i, ch, depth in _unquoted(text, start):
+        if ch in _CLOSE and depth == 1:
+            return i + 1
     raise ValueError(f"unbalanced brackets in HLO text: {text[start : start + 80]!r}")
 
 
 def _split_top(text: str, sep: str = ",") -> list[str]:
     """Split ``text`` at ``sep`` outside brackets and quotes; parts are stripped, empty dropped."""
-    parts, depth, quote, begin, i = [], 0, False, 0, 0
-    while i < len(text):
-        ch = text[i]
-        if quote:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quote = False
-        elif ch == '"':
-            quote = True
-        elif ch in _OPEN:
-            depth += 1
-        elif ch in _CLOSE:
-            depth -= 1
-        elif ch == sep and depth == 0:
+    parts, begin = [], 0
+    for i, ch, depth in _unquoted(text):
+        if ch == sep and depth == 0:
             parts.append(text[begin:i])
             begin = i + 1
-        i += 1
     parts.append(text[begin:])
     return [p.strip() for p in parts if p.strip()]
 
