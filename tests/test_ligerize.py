@@ -201,3 +201,11 @@ def test_strict_mode_names_the_primitive_without_a_rule_and_the_split_parameter(
     _close(ligerize(model, mesh=_mesh(2))(x), model(x))  # default: all-gather, correct
     with pytest.raises(ValueError, match=r"'sort' has no split rule.*up_proj\.kernel.*dim 1"):
         ligerize(model, mesh=_mesh(2), strict=True)(x)
+
+
+def test_pipeline_on_the_stock_flax_transformer(stock_transformer):
+    model, (tokens,), rules = stock_transformer
+    other = (jnp.arange(24, dtype=jnp.int32).reshape(3, 8) * 3) % 50
+    lm = ligerize(model, mesh=_grid(2, 1), pp_axis="pp", partition_rules=rules)
+    _close(lm(tokens), model(tokens))
+    _close(lm.interleaved((tokens,), (other,)), (model(tokens), model(other)))
