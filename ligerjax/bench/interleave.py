@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from ligerjax.cost.cost_model import CostModel
+from ligerjax.cost.cost_model import Contention, CostModel
 from ligerjax.schedule import FunctionVector, interleave_greedy, simulate
 from passes.interleave import planner_config
 
@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--primary-tokens", type=int, default=32)
     parser.add_argument("--secondary-tokens", type=int, default=1024)
     parser.add_argument("--max-inflation", type=float, default=0.05)
+    parser.add_argument(
+        "--contention",
+        type=float,
+        default=None,
+        help="slowdown of overlapped compute and comm (default: the cost model's 1.25)",
+    )
     parser.add_argument(
         "--no-cpu-compile", action="store_true", help="skip compiling SmolLM2 for this CPU"
     )
@@ -76,18 +82,18 @@ def steady_state(
     return timeline.makespan_s, primary.duration_s + placed, inflation
 
 
-def _ligerized(shape: Shape, max_inflation: float):  # type: ignore[no-untyped-def]
+def _ligerized(shape: Shape, max_inflation: float, cost: CostModel):  # type: ignore[no-untyped-def]
     from flax import nnx
 
     from ligerjax.ligerized import ligerize
     from models import Llama
 
     model = nnx.eval_shape(lambda: Llama(shape.config, rngs=nnx.Rngs(0)))
-    return ligerize(model, max_inflation=max_inflation)
+    return ligerize(model, max_inflation=max_inflation, cost_model=cost)
 
 
 def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
-    lm = _ligerized(shape, args.max_inflation)
+    lm = _ligerized(shape, args.max_inflation, cost)
     p = (jax.ShapeDtypeStruct((1, args.primary_tokens), jnp.int32),)
     s = (jax.ShapeDtypeStruct((1, args.secondary_tokens), jnp.int32),)
     t0 = time.perf_counter()
@@ -110,6 +116,7 @@ def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
         "primary_inflation": f"{inflation:.3f}",
         "coverage": f"{tied.overlap_coverage:.2f}",
         "coverage_no_barriers": f"{plain.overlap_coverage:.2f}",
+        "contention": f"{cost.contention.compute:.2f}",
         "comm_fraction": f"{asm_primary.comm_s / asm_primary.duration_s:.3f}",
         "gpu_compile_s": f"{tied.compile_s:.1f}",
         "plan_s": f"{plan_s:.1f}",
@@ -129,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         return subprocess.call(cmd, env=env)
     from ligerjax.ligerized import PLAN_TARGETS
 
-    cost = CostModel.for_device(PLAN_TARGETS[args.target])
+    contention = None if args.contention is None else Contention(args.contention, args.contention)
+    cost = CostModel.for_device(PLAN_TARGETS[args.target], contention)
     shapes = _shapes()
     for name in tqdm(args.models, desc="bench interleave", unit="model"):
         print(_line(shapes[name], args, cost), flush=True)
