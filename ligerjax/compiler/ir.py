@@ -44,7 +44,10 @@ def new_eqn(
 
 def _debug_info(name: str, n_in: int, n_out: int) -> jcore.DebugInfo:
     return jcore.DebugInfo(
-        name, None, tuple(f"in{i}" for i in range(n_in)), tuple(f"out{i}" for i in range(n_out))
+        name,
+        None,  # type: ignore[arg-type]  # no source location: the jaxpr is generated
+        tuple(f"in{i}" for i in range(n_in)),
+        tuple(f"out{i}" for i in range(n_out)),
     )
 
 

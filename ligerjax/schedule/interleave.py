@@ -168,7 +168,7 @@ class _Planner:
         left = self.config.max_delay_s - self.delay_s
         cap = _most_used(left, budget, f_primary)  # what the delay budget allows
         room = min(budget * (1 + self.config.slack), cap)
-        used, placed = 0.0, []
+        used, placed = 0.0, list[OpRef]()
         for cur in secondaries:
             blocked = False
             while cur.pending and cur.pending[0].kind is not kind:
