@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ligerjax.compiler import PassContext, PassManager, Traced, ir, trace_module
+from ligerjax.compiler.pass_manager import dump_dir_of, dump_jaxpr
 from ligerjax.cost import CostModel
 from ligerjax.plan import Schedule
 from ligerjax.schedule import Schedule as LaunchOrder
@@ -252,6 +253,12 @@ def build_interleaved(
     )
     dec = decompose(step, axis_env)
     emitted = emit(dec, step, axis_env, barriers=barriers)
+    dump_dir = dump_dir_of(ctx)
+    if dump_dir:
+        stages = [("traced", traced.jaxpr), ("tensor_parallel", tp.jaxpr)]
+        stages += [("decompose", dec.jaxpr), ("emit", emitted.jaxpr)]
+        for i, (name, jaxpr) in enumerate(stages):
+            dump_jaxpr(dump_dir, i, f"interleaved_{name}", jaxpr)
     body = ir.jaxpr_fun(emitted.jaxpr)
     fn = jax.jit(
         jax.shard_map(

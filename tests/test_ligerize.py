@@ -209,3 +209,17 @@ def test_pipeline_on_the_stock_flax_transformer(stock_transformer):
     lm = ligerize(model, mesh=_grid(2, 1), pp_axis="pp", partition_rules=rules)
     _close(lm(tokens), model(tokens))
     _close(lm.interleaved((tokens,), (other,)), (model(tokens), model(other)))
+
+
+def test_the_interleaved_step_dumps_its_jaxpr_after_each_pass(mlp_stack, tmp_path, monkeypatch):
+    model, (x,), rules = mlp_stack
+    monkeypatch.setenv("LIGERJAX_DUMP_DIR", str(tmp_path))
+    ligerize(model, mesh=_mesh(2), partition_rules=rules).interleaved((x,), (x * 2,))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "00_interleaved_traced.jaxpr.txt",
+        "01_interleaved_tensor_parallel.jaxpr.txt",
+        "02_interleaved_decompose.jaxpr.txt",
+        "03_interleaved_emit.jaxpr.txt",
+    ]
+    assert "psum" in (tmp_path / "03_interleaved_emit.jaxpr.txt").read_text()

@@ -99,9 +99,9 @@ class PassManager:
 
     def run(self, traced: Traced, ctx: PassContext) -> tuple[Any, list[PassReport]]:
         """Apply every pass; returns the final program and one report per pass."""
-        dump_dir = ctx.dump_dir or os.environ.get(DUMP_ENV)
+        dump_dir = dump_dir_of(ctx)
         if dump_dir:
-            self._dump(dump_dir, 0, "traced", traced.jaxpr)
+            dump_jaxpr(dump_dir, 0, "traced", traced.jaxpr)
         program: Any = traced
         reports: list[PassReport] = []
         for i, p in enumerate(self.passes, start=1):
@@ -112,16 +112,22 @@ class PassManager:
             log.info("pass %s: rewrites=%s fallbacks=%s", name, report.rewrites, report.fallbacks)
             reports.append(report)
             if dump_dir:
-                self._dump(dump_dir, i, name, program.jaxpr)
+                dump_jaxpr(dump_dir, i, name, program.jaxpr)
             if ctx.debug:
                 verify(traced, program, ctx, name)
         return program, reports
 
-    @staticmethod
-    def _dump(dump_dir: str, index: int, name: str, jaxpr: ir.ClosedJaxpr) -> None:
-        path = pathlib.Path(dump_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / f"{index:02d}_{name}.jaxpr.txt").write_text(str(jaxpr))
+
+def dump_dir_of(ctx: PassContext) -> str | None:
+    """Where to dump jaxprs: ``ctx.dump_dir``, else ``$LIGERJAX_DUMP_DIR``, else nowhere."""
+    return ctx.dump_dir or os.environ.get(DUMP_ENV)
+
+
+def dump_jaxpr(dump_dir: str, index: int, name: str, jaxpr: ir.ClosedJaxpr) -> None:
+    """Write ``jaxpr`` as ``{index:02d}_{name}.jaxpr.txt`` under ``dump_dir``."""
+    path = pathlib.Path(dump_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{index:02d}_{name}.jaxpr.txt").write_text(str(jaxpr))
 
 
 def verify(traced: Traced, program: Program, ctx: PassContext, name: str = "pass") -> None:
