@@ -200,7 +200,6 @@ class InterleavedProgram:
     traced: Traced
     tp: TPProgram
     step: StepPlan
-    factors: dict[str, int]
     jaxpr: ir.ClosedJaxpr
     mesh: jax.sharding.Mesh
     fn: Callable[..., Any] = dataclasses.field(repr=False)
@@ -272,7 +271,7 @@ def build_interleaved(
             check_vma=False,
         )
     )
-    return InterleavedProgram(traced, tp, step, step.factors, emitted.jaxpr, mesh, fn)
+    return InterleavedProgram(traced, tp, step, emitted.jaxpr, mesh, fn)
 
 
 # -- the ligerized model ------------------------------------------------------------------
@@ -503,7 +502,7 @@ def _schedule(
         secondary=step.secondary,
         switch_points=step.primary.switch_points(),
         matched_pairs=step.matched_pairs,
-        decomposition=dict(program.factors),
+        decomposition=step.factors,
         timeline=timeline,
         sequential=sequential,
         hlo_text=compiled.text,

@@ -47,7 +47,8 @@ COLLECTIVES: Mapping[str, str] = {
 }
 
 
-def _nbytes(aval: Any) -> int:
+def nbytes(aval: Any) -> int:
+    """Bytes of a value of abstract value ``aval``."""
     return int(math.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
 
 
@@ -73,9 +74,9 @@ def is_anchor(eqn: ir.JaxprEqn) -> bool:
 def _bytes_read(eqn: ir.JaxprEqn, pos: int) -> int:
     """Bytes ``eqn`` reads of its operand ``pos``: all of it, except what a gather or slice
     picks out (looking through calls)."""
-    full = _nbytes(ir.aval_of(eqn.invars[pos]))
+    full = nbytes(ir.aval_of(eqn.invars[pos]))
     if eqn.primitive.name in _READS_ITS_OUTPUT:
-        return min(full, sum(_nbytes(o.aval) for o in eqn.outvars)) if pos == 0 else full
+        return min(full, sum(nbytes(o.aval) for o in eqn.outvars)) if pos == 0 else full
     body = ir.call_jaxpr(eqn)
     if body is None or len(body.jaxpr.invars) != len(eqn.invars):
         return full
@@ -91,15 +92,19 @@ def _bytes_read(eqn: ir.JaxprEqn, pos: int) -> int:
     return min(full, max(parts, default=0))
 
 
+def dot_flops(eqn: ir.JaxprEqn) -> float:
+    """2·M·N·K of a ``dot_general``: two FLOPs per output element per contracted element."""
+    (lc, _), _ = eqn.params["dimension_numbers"]
+    lhs = ir.aval_of(eqn.invars[0])
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lc)
+
+
 def eqn_flops(eqn: ir.JaxprEqn) -> float:
     """FLOPs of one equation: 2·M·N·K for a GEMM, 4·B·T·S·H·D for attention, else one
     per output element (recursing into calls)."""
     name = eqn.primitive.name
     if name == "dot_general":
-        (lc, _), _ = eqn.params["dimension_numbers"]
-        lhs = ir.aval_of(eqn.invars[0])
-        k = math.prod(lhs.shape[d] for d in lc)
-        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
+        return dot_flops(eqn)
     if ir.eqn_name(eqn) == ATTENTION_NAME:
         B, T, H, D = ir.aval_of(eqn.invars[0]).shape
         S = ir.aval_of(eqn.invars[1]).shape[1]
@@ -160,7 +165,7 @@ class Assembled:
         return self.vectors[SECONDARY]
 
 
-class _Uses:
+class Uses:
     """Which equations read each var (and whether the jaxpr returns it)."""
 
     def __init__(self, j: ir.Jaxpr) -> None:
@@ -203,7 +208,7 @@ def _op_of(
     name: str,
     group: Sequence[int],
     j: ir.Jaxpr,
-    uses: _Uses,
+    uses: Uses,
     weights: set[Any],
     cost: CostModel,
     axis_sizes: Mapping[str, int],
@@ -220,13 +225,13 @@ def _op_of(
             read[v] = max(read.get(v, 0), _bytes_read(e, pos))
     outs = {v for v in defined if uses.escapes(v, members)}
     fixed = sum(b for v, b in read.items() if v in weights)
-    nbytes = sum(read.values()) + sum(_nbytes(v.aval) for v in outs)
+    traffic = sum(read.values()) + sum(nbytes(v.aval) for v in outs)
     first = eqns[0]
     batch = PRIMARY if role == SHARED else role
     coll = COLLECTIVES.get(first.primitive.name)
     if coll is not None:
         n = math.prod(axis_sizes[a] for a in _axes(first))
-        moved = sum(_nbytes(v.aval) for v in first.outvars)
+        moved = sum(nbytes(v.aval) for v in first.outvars)
         return Op(
             name,
             COMM,
@@ -242,8 +247,8 @@ def _op_of(
         name,
         COMPUTE,
         flops=flops,
-        bytes=nbytes,
-        duration_s=cost.op_duration(flops, nbytes, dtype),
+        bytes=traffic,
+        duration_s=cost.op_duration(flops, traffic, dtype),
         batch=batch,
         rows=_rows(first, weights) if is_anchor(first) else 0,
         fixed_bytes=fixed,
@@ -270,7 +275,7 @@ def assemble(
     j = jaxpr.jaxpr
     roles = batch_roles(jaxpr, input_roles)
     weights = {v for v, r in zip(j.invars, input_roles, strict=True) if r is None}
-    uses = _Uses(j)
+    uses = Uses(j)
     groups: dict[str, list[list[int]]] = {PRIMARY: [], SECONDARY: []}
     open_group: dict[str, list[int]] = {PRIMARY: [], SECONDARY: []}
     for i, (eqn, r) in enumerate(zip(j.eqns, roles, strict=True)):

@@ -39,7 +39,7 @@ import jax
 from ligerjax.compiler import ir
 from ligerjax.compiler.pass_manager import PassReport
 from ligerjax.schedule import PRIMARY, SECONDARY
-from passes.assemble import SHARED
+from passes.assemble import SHARED, Uses
 from passes.decompose import Decomposed
 from passes.interleave import StepPlan
 
@@ -96,12 +96,7 @@ def emit(
     closed = dec.jaxpr
     j = closed.jaxpr
     weights = set(j.invars[: dec.num_weights])
-    readers: dict[Any, set[int]] = {}
-    for i, eqn in enumerate(j.eqns):
-        for v in eqn.invars:
-            if not ir.is_literal(v):
-                readers.setdefault(v, set()).add(i)
-    returned = {v for v in j.outvars if not ir.is_literal(v)}
+    uses = Uses(j)
     groups = _groups(dec, step)
     primary_results = [
         v for v in j.outvars if not ir.is_literal(v) and v in _defined_by(j, dec, PRIMARY)
@@ -143,7 +138,7 @@ def emit(
                         outs = ir.eval_eqn(eqn, [read(a) for a in eqn.invars])
                         env.update(zip(eqn.outvars, outs, strict=True))
             if tied:
-                tie(_live_out(j, members, readers, returned))
+                tie(_live_out(j, members, uses))
         return [read(a) for a in j.outvars]
 
     new = ir.make_jaxpr(run, *[v.aval for v in j.invars], axis_env=axis_env)
@@ -167,13 +162,6 @@ def _live_in(j: ir.Jaxpr, members: set[int], weights: set[Any]) -> list[Any]:
     return [v for v in seen if v not in consts]
 
 
-def _live_out(
-    j: ir.Jaxpr, members: set[int], readers: dict[Any, set[int]], returned: set[Any]
-) -> list[Any]:
+def _live_out(j: ir.Jaxpr, members: set[int], uses: Uses) -> list[Any]:
     """Vars the group defines that are read after it or returned, in order."""
-    return [
-        v
-        for i in sorted(members)
-        for v in j.eqns[i].outvars
-        if v in returned or readers.get(v, set()) - members
-    ]
+    return [v for i in sorted(members) for v in j.eqns[i].outvars if uses.escapes(v, members)]

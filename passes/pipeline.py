@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ligerjax.compiler import ir
 from ligerjax.compiler.pass_manager import PassContext, PassReport
 from ligerjax.compiler.trace import Traced
+from passes.assemble import dot_flops, nbytes
 from passes.tensor_parallel import TPProgram, tensor_parallel
 
 # ---------------------------------------------------------------------------------------------
@@ -93,20 +94,14 @@ def stage_cuts(costs: Sequence[float], num_stages: int) -> tuple[int, ...]:
 # pricing
 
 
-def _nbytes(aval: Any) -> int:
-    return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
-
-
 def _flops_bytes(eqn: ir.JaxprEqn) -> tuple[float, float]:
     """FLOPs and memory traffic of one first-order equation (roofline inputs)."""
     ins = [ir.aval_of(a) for a in eqn.invars]
     outs = [v.aval for v in eqn.outvars]
-    nbytes = float(sum(_nbytes(a) for a in ins + outs))
+    moved = float(sum(nbytes(a) for a in ins + outs))
     if eqn.primitive.name == "dot_general":
-        (lc, _), _ = eqn.params["dimension_numbers"]
-        k = math.prod(ins[0].shape[d] for d in lc)
-        return 2.0 * math.prod(outs[0].shape) * k, nbytes
-    return float(sum(math.prod(a.shape) for a in outs)), nbytes
+        return dot_flops(eqn), moved
+    return float(sum(math.prod(a.shape) for a in outs)), moved
 
 
 def _float_dtype(eqn: ir.JaxprEqn) -> Any:
@@ -130,10 +125,10 @@ def eqn_cost(eqn: ir.JaxprEqn, cost: Any, mesh: jax.sharding.Mesh) -> float:
         return sum(eqn_cost(e, cost, mesh) for sub in subs for e in sub.jaxpr.eqns)
     if eqn.primitive.name == "psum":
         n = _axis_size(mesh, eqn.params["axes"])
-        nbytes = sum(_nbytes(ir.aval_of(a)) for a in eqn.invars)
-        return cost.all_reduce(nbytes, n) if n > 1 else 0.0
-    flops, nbytes = _flops_bytes(eqn)
-    return cost.op_duration(flops, nbytes, _float_dtype(eqn))
+        moved = sum(nbytes(ir.aval_of(a)) for a in eqn.invars)
+        return cost.all_reduce(moved, n) if n > 1 else 0.0
+    flops, moved = _flops_bytes(eqn)
+    return cost.op_duration(flops, moved, _float_dtype(eqn))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,7 +610,7 @@ def _build_stages(
                 units=(bounds[s], bounds[s + 1]),
                 weight_paths=tuple(traced.weight_paths[w] for w in ws),
                 cost_s=sum(cuts.unit_costs[bounds[s] : bounds[s + 1]]),
-                weight_bytes=sum(_nbytes(local_avals[w]) for w in ws),
+                weight_bytes=sum(nbytes(local_avals[w]) for w in ws),
             )
         )
     return stages, stage_jaxprs, stage_weights, recomputed
@@ -709,7 +704,7 @@ def pipeline(program: Traced | TPProgram, ctx: PassContext) -> PPProgram:
         return buffers.pack(weights, full_specs, sharding)
 
     ticks = m + num_stages - 1
-    hop = cost.permute(sum(_nbytes(a) for a in cuts.carried)) if num_stages > 1 else 0.0
+    hop = cost.permute(sum(nbytes(a) for a in cuts.carried)) if num_stages > 1 else 0.0
     report = PassReport(
         name="pipeline",
         rewrites={
@@ -732,7 +727,7 @@ def pipeline(program: Traced | TPProgram, ctx: PassContext) -> PPProgram:
         carried=cuts.carried,
         buffer_specs=(buffers.spec,) * nb,
         weight_bytes_per_device=buffers.bytes_per_device,
-        total_weight_bytes=sum(_nbytes(a) for a in local_avals),
+        total_weight_bytes=sum(nbytes(a) for a in local_avals),
         predicted_s=ticks * (max(st.cost_s for st in stages) + hop),
         report=report,
         _pack=pack,
