@@ -104,8 +104,10 @@ def decompose(step: StepPlan, axis_env: Sequence[tuple[str, int]]) -> Decomposed
         if piece.rows is not None:
             cuts.setdefault(piece.op, []).append((k, piece.rows))
     rewrites: dict[int, Any] = {}  # eqn index -> function of its input values
+    pieces_of: dict[int, int] = {}  # eqn index -> number of pieces
     for op, parts in cuts.items():
         (i,) = sec_members[op]
+        pieces_of[i] = len(parts)
         eqn = j.eqns[i]
         spans = [rows for _, rows in parts]
         if ir.eqn_name(eqn) == ATTENTION_NAME:
@@ -121,7 +123,7 @@ def decompose(step: StepPlan, axis_env: Sequence[tuple[str, int]]) -> Decomposed
     roles: list[str] = []
     n = 0
     for i in range(len(j.eqns)):
-        width = len(cuts[_op_of(asm, i)]) + 1 if i in rewrites else 1
+        width = pieces_of[i] + 1 if i in pieces_of else 1
         new_index[i] = list(range(n, n + width))
         roles += [asm.roles[i]] * width
         n += width
@@ -160,13 +162,6 @@ def decompose(step: StepPlan, axis_env: Sequence[tuple[str, int]]) -> Decomposed
         num_weights=asm.num_weights,
         report=report,
     )
-
-
-def _op_of(asm: Assembled, eqn_index: int) -> int:
-    for k, group in enumerate(asm.members[SECONDARY]):
-        if eqn_index in group:
-            return k
-    raise AssertionError(f"equation {eqn_index} is in no secondary op")
 
 
 def _secondary_members(
