@@ -100,7 +100,7 @@ PAGED_ATTENTION: dict[int, PagedBlockSizes] = {
 }
 
 FALLBACK = FallbackBlockSizes(
-    block_q=256, block_k=512, decode_keys=128, ragged_block_q=32, ragged_block_k=128
+    block_q=256, block_k=512, decode_keys=64, ragged_block_q=32, ragged_block_k=128
 )
 
 MAX_HEAD_DIM = max(FLASH_ATTENTION)
