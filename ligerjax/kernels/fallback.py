@@ -9,7 +9,7 @@ float32; query rows that see no key come out 0.
 
 * :func:`blockwise_attention` — dense ``[B, S, K, D]`` keys and values (prefill).
 * :func:`blockwise_paged_attention` — one query per sequence, keys gathered from the pages a
-  few at a time through the block table (decode).
+  few at a time through the block table (decode), in items packed across sequences.
 * :func:`blockwise_ragged_paged_attention` — packed query tokens of several sequences
   (chunked prefill and decode in one call), each query tile against its sequence's pages.
 """
@@ -145,31 +145,57 @@ def blockwise_paged_attention(
     sm_scale: float,
     decode_keys: int | None = None,
 ) -> jax.Array:  # [B, H, D]
-    """Decode attention: each step gathers ``decode_keys`` keys per sequence by block table."""
+    """Decode attention over work items of ``decode_keys`` keys of one sequence.
+
+    The items of all sequences are packed and run ``B`` at a time, so a step costs the keys
+    the sequences hold, not ``B`` times the longest context: rows with no context (padding)
+    and the unused pages of short sequences are never gathered. Each item's partial softmax
+    is folded into its sequence's running max, sum and accumulator.
+    """
     B, H, D = q.shape
     P, K = k_pages.shape[1], k_pages.shape[2]
     M = block_tables.shape[1]
     G = H // K
     if B == 0 or M == 0:
         return jnp.zeros_like(q)
-    c = max(1, min(M, (decode_keys or FALLBACK.decode_keys) // P))  # pages per step
-    bt_bm = jnp.pad(block_tables, ((0, 0), (0, _cdiv(M, c) * c - M)))
+    c = max(1, min(M, (decode_keys or FALLBACK.decode_keys) // P))  # pages per item
+    C = _cdiv(M, c)  # items of the longest possible context
+    bt_bcc = jnp.pad(block_tables, ((0, 0), (0, C * c - M))).reshape(B, C, c)
     len_b = jnp.clip(context_lens.astype(jnp.int32), 0, M * P)
+    items_b = _cdiv(len_b, c * P)
+    ends_b = jnp.cumsum(items_b)
+    num_items = ends_b[-1]
     q_bkgd = q.reshape(B, K, G, D).astype(jnp.float32) * sm_scale
 
-    def body(j, carry):
-        ids_bc = lax.dynamic_slice_in_dim(bt_bm, j * c, c, axis=1)
-        k_bskd = k_pages[ids_bc].reshape(B, c * P, K, D).astype(jnp.float32)
-        v_bskd = v_pages[ids_bc].reshape(B, c * P, K, D).astype(jnp.float32)
-        logits_bkgs = jnp.einsum("bkgd,bskd->bkgs", q_bkgd, k_bskd)
-        s_s = j * c * P + jnp.arange(c * P, dtype=jnp.int32)
-        mask_bs = s_s[None, :] < len_b[:, None]
-        return _online_softmax_step(
-            carry, logits_bkgs, v_bskd, mask_bs[:, None, None, :], "bkgs,bskd->bkgd"
+    def body(i, carry):
+        m_b, l_b, acc_b = carry  # [B, K, G], [B, K, G], [B, K, G, D]
+        w_r = i * B + jnp.arange(B, dtype=jnp.int32)  # this round's B items
+        seq_r = jnp.minimum(jnp.searchsorted(ends_b, w_r, side="right"), B - 1)
+        chunk_r = jnp.clip(w_r - ends_b[seq_r] + items_b[seq_r], 0, C - 1)
+        ids_rc = bt_bcc[seq_r, chunk_r]
+        k_rskd = k_pages[ids_rc].reshape(B, c * P, K, D).astype(jnp.float32)
+        v_rskd = v_pages[ids_rc].reshape(B, c * P, K, D).astype(jnp.float32)
+        logits_rkgs = jnp.einsum("rkgd,rskd->rkgs", q_bkgd[seq_r], k_rskd)
+        s_rs = chunk_r[:, None] * (c * P) + jnp.arange(c * P, dtype=jnp.int32)
+        mask_rs = (s_rs < len_b[seq_r, None]) & (w_r < num_items)[:, None]
+        m_r, l_r, acc_r = _online_softmax_step(
+            _init_carry((B, K, G), D),
+            logits_rkgs,
+            v_rskd,
+            mask_rs[:, None, None, :],
+            "rkgs,rskd->rkgd",
         )
+        # Fold the items into their sequences (an item past the last has l = acc = 0).
+        m_new = m_b.at[seq_r].max(m_r)
+        alpha_b = jnp.exp(m_b - m_new)
+        scale_r = jnp.exp(m_r - m_new[seq_r])
+        l_b = alpha_b * l_b + jnp.zeros_like(l_b).at[seq_r].add(scale_r * l_r)
+        acc_b = alpha_b[..., None] * acc_b + jnp.zeros_like(acc_b).at[seq_r].add(
+            scale_r[..., None] * acc_r
+        )
+        return m_new, l_b, acc_b
 
-    steps = _cdiv(jnp.max(len_b), c * P)
-    _, l, acc = lax.fori_loop(0, steps, body, _init_carry((B, K, G), D))
+    _, l, acc = lax.fori_loop(0, _cdiv(num_items, B), body, _init_carry((B, K, G), D))
     return _finish(l, acc).reshape(B, H, D).astype(q.dtype)
 
 
