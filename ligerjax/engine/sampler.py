@@ -122,7 +122,7 @@ def make_batch(
 class SamplerOutput:
     token_b: jax.Array  # [B] int32
     logprob_b: jax.Array  # [B] f32, log-probability of the sampled token under the model
-    top_ids_bk: jax.Array  # [B, k] int32
+    top_ids_bk: jax.Array  # [B, k] int32, k = the most top logprobs a row asked for (maybe 0)
     top_logprobs_bk: jax.Array  # [B, k] f32
 
 
@@ -157,7 +157,9 @@ def _filter_top_k_top_p(logits_bv: jax.Array, s: SamplingBatch) -> jax.Array:
 def sample(logits_bv: jax.Array, s: SamplingBatch, *, flags: SamplingFlags) -> SamplerOutput:
     """One token per row. ``logits_bv``: [B, V] f32 raw model logits."""
     B = logits_bv.shape[0]
-    raw_logprobs_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+    raw_bv = logits_bv
+    # log p = logit - logsumexp: one reduction, no [B, V] log-softmax to write and read.
+    lse_b1 = jax.nn.logsumexp(raw_bv, axis=-1, keepdims=True)
     if flags.penalties:
         logits_bv = _apply_penalties(logits_bv, s)
     if flags.suppress:
@@ -165,9 +167,13 @@ def sample(logits_bv: jax.Array, s: SamplingBatch, *, flags: SamplingFlags) -> S
         logits_bv = logits_bv.at[rows, s.suppress_ids_bm].set(-jnp.inf, mode="drop")
     greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     token_b = _draw(logits_bv, greedy_b, s, flags) if flags.random else greedy_b
-    logprob_b = jnp.take_along_axis(raw_logprobs_bv, token_b[:, None], axis=-1)[:, 0]
-    top_logprobs_bk, top_ids_bk = jax.lax.top_k(raw_logprobs_bv, max(flags.logprobs, 1))
-    return SamplerOutput(token_b, logprob_b, top_ids_bk.astype(jnp.int32), top_logprobs_bk)
+    logprob_b = (jnp.take_along_axis(raw_bv, token_b[:, None], axis=-1) - lse_b1)[:, 0]
+    if flags.logprobs == 0:  # nobody asked for top tokens: skip the top-k over the vocab
+        return SamplerOutput(
+            token_b, logprob_b, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
+        )
+    top_logits_bk, top_ids_bk = jax.lax.top_k(raw_bv, flags.logprobs)
+    return SamplerOutput(token_b, logprob_b, top_ids_bk.astype(jnp.int32), top_logits_bk - lse_b1)
 
 
 def _draw(
