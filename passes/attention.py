@@ -840,6 +840,10 @@ class AttentionProgram(Traced):
         """Evaluate the rewritten jaxpr on flat weights then flat arguments."""
         return ir.eval_jaxpr(self.jaxpr, *flat)
 
+    def at_args(self, example_args: tuple[Any, ...]) -> AttentionProgram:
+        """The source step re-traced at ``example_args``' shapes, with the pass applied again."""
+        return _rewrite(self.traced.at_args(example_args))
+
     @functools.cached_property
     def _jitted(self) -> Callable[..., Any]:
         return jax.jit(ir.jaxpr_fun(self.jaxpr))
@@ -860,6 +864,10 @@ def attention(traced: Traced, ctx: PassContext) -> AttentionProgram:
     the uniform pass signature.
     """
     del ctx
+    return _rewrite(traced)
+
+
+def _rewrite(traced: Traced) -> AttentionProgram:
     run = _Run()
     new = _rewrite_closed(traced.jaxpr, run)
     report = PassReport(

@@ -21,9 +21,11 @@ in the pipeline bubble), then
 last tick). The outputs are stacked over ``pp`` and the host keeps the last stage's.
 
 Micro-batches need the model's jaxpr at the micro-batch shape; a jaxpr's shapes are
-fixed, so for ``num_microbatches > 1`` the pass re-traces the source model (and, for a
-tensor-parallel program, re-runs :func:`passes.tensor_parallel.tensor_parallel`) at the
-micro-batch shape and checks that the result is split the same way.
+fixed, so for ``num_microbatches > 1`` the pass asks its input for the step at the
+micro-batch shape (:meth:`~ligerjax.compiler.Traced.at_args`: the source re-traced, with
+the attention pass re-applied when it ran) and, for a tensor-parallel program, re-runs
+:func:`passes.tensor_parallel.tensor_parallel` on it, checking that the weights are split
+the same way.
 """
 
 from __future__ import annotations
@@ -404,16 +406,8 @@ def _source(
     tp = program if isinstance(program, TPProgram) else None
     if m == 1:
         return traced, program.jaxpr, None if tp is None else tp.weight_specs, tp
-    if type(traced).flat_call is not Traced.flat_call:
-        raise ValueError(
-            f"pipeline: num_microbatches={m} re-traces the model at the micro-batch shape, "
-            f"but {type(traced).__name__} evaluates a jaxpr fixed at the full batch"
-        )
     micro_args = jax.tree_util.tree_map(lambda x: x[: x.shape[0] // m], traced.example_args)
-    avals = [*traced.weights, *jax.tree_util.tree_leaves(micro_args)]
-    micro = dataclasses.replace(
-        traced, jaxpr=ir.make_jaxpr(traced.flat_call, *avals), example_args=micro_args
-    )
+    micro = traced.at_args(micro_args)
     for k, (full, mb) in enumerate(
         zip(traced.jaxpr.jaxpr.outvars, micro.jaxpr.jaxpr.outvars, strict=True)
     ):

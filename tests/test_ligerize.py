@@ -223,3 +223,14 @@ def test_the_interleaved_step_dumps_its_jaxpr_after_each_pass(mlp_stack, tmp_pat
         "03_interleaved_emit.jaxpr.txt",
     ]
     assert "psum" in (tmp_path / "03_interleaved_emit.jaxpr.txt").read_text()
+
+
+@pytest.mark.parametrize(("pp", "tp"), [(2, 1), (2, 2)])
+def test_llama_pipeline_with_micro_batches_matches_the_model(pp, tp):
+    """Micro-batches re-trace the step at their shape, through the attention pass again."""
+    cfg = LlamaConfig.preset("tiny", num_layers=4, num_heads=8, num_kv_heads=4)
+    model = Llama(cfg, rngs=nnx.Rngs(4))
+    lm = ligerize(model, mesh=_grid(pp, tp), pp_axis="pp", num_microbatches=2)
+    primary = jnp.concatenate([P_TOKENS, P_TOKENS[:, ::-1]])  # [2, 6]
+    _close(lm(primary), model(primary))
+    _close(lm.interleaved((primary,), (S_TOKENS,)), (model(primary), model(S_TOKENS)))

@@ -59,6 +59,17 @@ class Traced:
         out = _apply(self.call, nnx.merge(self.graphdef, state), args)
         return jax.tree_util.tree_leaves(out)
 
+    def at_args(self, example_args: tuple[Any, ...]) -> Traced:
+        """This step traced again at ``example_args``' shapes (same structure as the traced
+        arguments): a jaxpr's shapes are fixed, so a pass that needs the step at other
+        shapes (micro-batches) asks for it here. Passes that rewrite a ``Traced`` and keep
+        its type override this to re-apply their rewrite to the re-traced source."""
+        flat, treedef = jax.tree_util.tree_flatten(example_args)
+        if treedef != self.args_treedef:
+            raise ValueError(f"arguments {treedef} do not match the traced {self.args_treedef}")
+        jaxpr = ir.make_jaxpr(self.flat_call, *self.weights, *flat)
+        return dataclasses.replace(self, jaxpr=jaxpr, example_args=tuple(example_args))
+
     def __call__(self, weights: Sequence[jax.Array], *args: Any) -> Any:
         """Run the unmodified model with these weights (same order as ``weight_paths``)."""
         flat = jax.tree_util.tree_leaves(args)

@@ -85,6 +85,22 @@ def test_llama_has_one_routed_attention_per_layer():
     _close(program(traced.weights, TOKENS), model(TOKENS))
 
 
+def test_the_program_at_other_shapes_is_rewritten_again():
+    """``at_args`` (what the pipeline pass's micro-batches ask for) re-traces the source at
+    the new shapes and routes its attention again; the full-batch program is untouched."""
+    cfg = LlamaConfig.preset("tiny")
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    program = attention(trace_module(model, TOKENS), PassContext())
+    half = program.at_args((TOKENS[:1],))
+    assert isinstance(half, AttentionProgram)
+    assert half.report.rewrites == {"ligerjax_attention_routed": cfg.num_layers}
+    assert half.jaxpr.jaxpr.invars[-1].aval.shape == (1, 6)
+    assert program.jaxpr.jaxpr.invars[-1].aval.shape == (2, 6)
+    _close(half(program.weights, TOKENS[1:]), model(TOKENS[1:]))
+    with pytest.raises(ValueError, match="do not match the traced"):
+        program.at_args((TOKENS, TOKENS))
+
+
 # -- hand-written subgraphs --------------------------------------------------------------------
 
 
