@@ -158,8 +158,14 @@ def sample(logits_bv: jax.Array, s: SamplingBatch, *, flags: SamplingFlags) -> S
     """One token per row. ``logits_bv``: [B, V] f32 raw model logits."""
     B = logits_bv.shape[0]
     raw_bv = logits_bv
-    # log p = logit - logsumexp: one reduction, no [B, V] log-softmax to write and read.
-    lse_b1 = jax.nn.logsumexp(raw_bv, axis=-1, keepdims=True)
+    # log p = (logit - max) - log Σ exp(logit - max), log_softmax's arithmetic, evaluated only
+    # at the tokens returned: no [B, V] log-softmax to write and read back.
+    max_b1 = jnp.max(raw_bv, axis=-1, keepdims=True)
+    log_sum_b1 = jnp.log(jnp.sum(jnp.exp(raw_bv - max_b1), axis=-1, keepdims=True))
+
+    def logprobs(logits_bk: jax.Array) -> jax.Array:
+        return (logits_bk - max_b1) - log_sum_b1
+
     if flags.penalties:
         logits_bv = _apply_penalties(logits_bv, s)
     if flags.suppress:
@@ -167,13 +173,13 @@ def sample(logits_bv: jax.Array, s: SamplingBatch, *, flags: SamplingFlags) -> S
         logits_bv = logits_bv.at[rows, s.suppress_ids_bm].set(-jnp.inf, mode="drop")
     greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     token_b = _draw(logits_bv, greedy_b, s, flags) if flags.random else greedy_b
-    logprob_b = (jnp.take_along_axis(raw_bv, token_b[:, None], axis=-1) - lse_b1)[:, 0]
+    logprob_b = logprobs(jnp.take_along_axis(raw_bv, token_b[:, None], axis=-1))[:, 0]
     if flags.logprobs == 0:  # nobody asked for top tokens: skip the top-k over the vocab
         return SamplerOutput(
             token_b, logprob_b, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
         )
     top_logits_bk, top_ids_bk = jax.lax.top_k(raw_bv, flags.logprobs)
-    return SamplerOutput(token_b, logprob_b, top_ids_bk.astype(jnp.int32), top_logits_bk - lse_b1)
+    return SamplerOutput(token_b, logprob_b, top_ids_bk.astype(jnp.int32), logprobs(top_logits_bk))
 
 
 def _draw(
