@@ -49,7 +49,7 @@ class ModelRunnerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     num_host_blocks: int = 0
-    min_token_bucket: int = 16  # smallest token bucket
+    min_token_bucket: int = 1  # smallest token bucket
     kv_dtype: str | None = None  # default: the model's dtype
 
     def __post_init__(self) -> None:

@@ -55,23 +55,28 @@ def test_batch_packs_tokens_slots_and_tables_padded_to_buckets():
     batch = runner.build_batch(
         [
             scheduled("a", [10, 11, 12], 5, [3, 7]),  # positions 5, 6, 7: block 7, slots 1..3
-            scheduled("b", [20], 4, [9, 2]),  # position 4: block 2, slot 0
+            scheduled("b", [20, 21], 4, [9, 2]),  # positions 4, 5: block 2, slots 0, 1
         ]
     )
-    assert batch.token_ids_t.tolist() == [10, 11, 12, 20] + [0] * 12  # bucket 16
-    assert batch.positions_t[:4].tolist() == [5, 6, 7, 4]
-    assert batch.slot_mapping_t.tolist() == [29, 30, 31, 8] + [16 * 4] * 12
-    assert batch.block_tables_bm.shape == (4, 8)  # min(16, 4) rows; 32 / 4 blocks wide
+    assert batch.token_ids_t.tolist() == [10, 11, 12, 20, 21] + [0] * 3  # bucket 8
+    assert batch.positions_t[:5].tolist() == [5, 6, 7, 4, 5]
+    assert batch.slot_mapping_t.tolist() == [29, 30, 31, 8, 9] + [16 * 4] * 3
+    assert batch.block_tables_bm.shape == (4, 8)  # min(8, 4) rows; 32 / 4 blocks wide
     assert batch.block_tables_bm[:2, :2].tolist() == [[3, 7], [9, 2]]
-    assert batch.cu_q_lens_b1.tolist() == [0, 3, 4, 4, 4]
-    assert batch.context_lens_b.tolist() == [8, 5, 0, 0]
-    assert batch.logits_index_b[:2].tolist() == [2, 3]
+    assert batch.cu_q_lens_b1.tolist() == [0, 3, 5, 5, 5]
+    assert batch.context_lens_b.tolist() == [8, 6, 0, 0]
+    assert batch.logits_index_b[:2].tolist() == [2, 4]
 
 
 def test_token_buckets_and_too_many_tokens():
     cfg = ModelRunnerConfig(num_blocks=4, max_num_batched_tokens=100, max_num_seqs=48)
-    assert cfg.token_buckets() == (16, 24, 32, 48, 64, 96, 128)
-    assert [cfg.seq_bucket(t) for t in cfg.token_buckets()] == [16, 24, 32, 48, 64, 64, 64]
+    assert cfg.token_buckets() == (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+    assert [cfg.seq_bucket(t) for t in cfg.token_buckets()] == [
+        *(1, 2, 4, 8, 16, 24, 32, 48),
+        *(64, 64, 64),
+    ]
+    coarse = ModelRunnerConfig(num_blocks=4, max_num_batched_tokens=100, min_token_bucket=16)
+    assert coarse.token_buckets() == (16, 24, 32, 48, 64, 96, 128)
     runner = make_runner(max_num_batched_tokens=16)
     with pytest.raises(ValueError, match="17 tokens: more than max_num_batched_tokens=16"):
         runner.build_batch([scheduled("a", range(17), 0, [1, 2, 3, 4, 5])])
