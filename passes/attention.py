@@ -850,10 +850,7 @@ class AttentionProgram(Traced):
 
     def __call__(self, weights: Sequence[jax.Array], *args: Any) -> Any:
         """Run the rewritten program; same inputs and outputs as the original model."""
-        flat, treedef = jax.tree_util.tree_flatten(args)
-        if treedef != self.args_treedef:
-            raise ValueError(f"arguments {treedef} do not match the traced {self.args_treedef}")
-        outs = self._jitted(*weights, *flat)
+        outs = self._jitted(*weights, *self.flat_args(args))
         return jax.tree_util.tree_unflatten(self.out_treedef, list(outs))
 
 

@@ -64,11 +64,15 @@ class Traced:
         arguments): a jaxpr's shapes are fixed, so a pass that needs the step at other
         shapes (micro-batches) asks for it here. Passes that rewrite a ``Traced`` and keep
         its type override this to re-apply their rewrite to the re-traced source."""
-        flat, treedef = jax.tree_util.tree_flatten(example_args)
+        jaxpr = ir.make_jaxpr(self.flat_call, *self.weights, *self.flat_args(example_args))
+        return dataclasses.replace(self, jaxpr=jaxpr, example_args=tuple(example_args))
+
+    def flat_args(self, args: Sequence[Any]) -> list[Any]:
+        """The leaves of ``args``, which must have the traced arguments' structure."""
+        flat, treedef = jax.tree_util.tree_flatten(tuple(args))
         if treedef != self.args_treedef:
             raise ValueError(f"arguments {treedef} do not match the traced {self.args_treedef}")
-        jaxpr = ir.make_jaxpr(self.flat_call, *self.weights, *flat)
-        return dataclasses.replace(self, jaxpr=jaxpr, example_args=tuple(example_args))
+        return flat
 
     def __call__(self, weights: Sequence[jax.Array], *args: Any) -> Any:
         """Run the unmodified model with these weights (same order as ``weight_paths``)."""

@@ -163,7 +163,7 @@ def sample(logits_bv: jax.Array, s: SamplingBatch, *, flags: SamplingFlags) -> S
     max_b1 = jnp.max(raw_bv, axis=-1, keepdims=True)
     log_sum_b1 = jnp.log(jnp.sum(jnp.exp(raw_bv - max_b1), axis=-1, keepdims=True))
 
-    def logprobs(logits_bk: jax.Array) -> jax.Array:
+    def log_prob(logits_bk: jax.Array) -> jax.Array:
         return (logits_bk - max_b1) - log_sum_b1
 
     if flags.penalties:
@@ -173,13 +173,13 @@ def sample(logits_bv: jax.Array, s: SamplingBatch, *, flags: SamplingFlags) -> S
         logits_bv = logits_bv.at[rows, s.suppress_ids_bm].set(-jnp.inf, mode="drop")
     greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     token_b = _draw(logits_bv, greedy_b, s, flags) if flags.random else greedy_b
-    logprob_b = logprobs(jnp.take_along_axis(raw_bv, token_b[:, None], axis=-1))[:, 0]
+    logprob_b = log_prob(jnp.take_along_axis(raw_bv, token_b[:, None], axis=-1))[:, 0]
     if flags.logprobs == 0:  # nobody asked for top tokens: skip the top-k over the vocab
         return SamplerOutput(
             token_b, logprob_b, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
         )
     top_logits_bk, top_ids_bk = jax.lax.top_k(raw_bv, flags.logprobs)
-    return SamplerOutput(token_b, logprob_b, top_ids_bk.astype(jnp.int32), logprobs(top_logits_bk))
+    return SamplerOutput(token_b, logprob_b, top_ids_bk.astype(jnp.int32), log_prob(top_logits_bk))
 
 
 def _draw(
