@@ -71,8 +71,9 @@ class ModelRunnerConfig:
         return -(-self.max_model_len // self.block_size)
 
     def token_buckets(self) -> tuple[int, ...]:
-        """Padded token counts a step can have, smallest first: powers of two and the
-        midpoints between them (16, 24, 32, 48, ...), so padding wastes at most a third."""
+        """Padded token counts a step can have, smallest first: powers of two, and from 16
+        up the midpoints between them (1, 2, 4, 8, 16, 24, 32, 48, ...), so padding wastes
+        at most a third once steps are big enough for it to cost."""
         top = _pow2(self.max_num_batched_tokens)
         buckets, b = [], min(_pow2(self.min_token_bucket), top)
         while b < top:
