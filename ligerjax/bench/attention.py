@@ -29,7 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ligerjax.kernels import dispatch
+from ligerjax.kernels import (
+    dispatch,
+    flash_attention,
+    paged_attention,
+    paged_attention_reference,
+)
+from ligerjax.kernels.block_sizes import paged_block_sizes
+from ligerjax.kernels.paged_attention import num_splits_for
 
 # Peak HBM bandwidth (GB/s) by device kind (first matching substring, lower case).
 HBM_GBPS: tuple[tuple[str, float], ...] = (
@@ -56,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-peer-gib", type=float, default=6.0, help="skip bigger peer runs")
     parser.add_argument("--gpu-seqs", default="1024,2048,4096,8192,16384")
     parser.add_argument("--gpu-tokens", type=int, default=16384, help="batch x S on the GPU")
+    parser.add_argument("--tune", action="store_true", help="GPU: also time grids of tile sizes")
+    parser.add_argument("--tune-seq", type=int, default=8192, help="S of the flash tile grid")
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
 
@@ -127,72 +136,227 @@ def _cpu_setting(S: int, args: argparse.Namespace, device: jax.Device) -> CpuRes
     return CpuResult(S, out["ours"][0], out["peer"][0], out["ours"][1], out["peer"][1])
 
 
-def _gpu_flash_line(S: int, D: int, args: argparse.Namespace) -> str:
-    B = max(1, args.gpu_tokens // S)
-    H = 2048 // D
-    rng = np.random.default_rng(S + D)
-    shape = (B, S, H, D)
-    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(3))
-    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    lens = jnp.full((B,), S, jnp.int32)
-    flops = 4 * B * H * S * S * D / 2
-    impls: dict[str, Callable[[], jax.Array]] = {
-        "flash": jax.jit(
-            lambda q, k, v: dispatch.dense_attention(
-                q, k, v, pos, lens, causal=True, sm_scale=D**-0.5, impl="pallas"
-            )
-        ),
-        "cudnn": jax.jit(
+def _gpu_seconds(fn: Callable[[], jax.Array], repeats: int) -> float:
+    """Median seconds per call on the GPU.
+
+    Calls are queued back to back (JAX dispatches asynchronously; one stream runs them in
+    order), about 20 ms of them per repeat, so the launch gaps hide behind the kernels.
+    """
+    jax.block_until_ready(fn())  # compile, warm up
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    calls = int(np.clip(0.02 / max(time.perf_counter() - t0, 1e-6), 1, 200))
+    per_call = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn()
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - t0) / calls)
+    return float(np.median(per_call))
+
+
+def _rel_err(x: jax.Array, ref: jax.Array) -> float:
+    """``||x - ref|| / ||ref||`` in float32."""
+    x32, ref32 = x.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(x32 - ref32) / jnp.linalg.norm(ref32))
+
+
+@dataclass(frozen=True)
+class FlashProblem:
+    """Causal bf16 prefill: ``B`` sequences of ``S`` tokens, ``H = 2048 / D`` heads (MHA)."""
+
+    q: jax.Array  # [B, S, H, D]
+    k: jax.Array  # [B, S, H, D]
+    v: jax.Array  # [B, S, H, D]
+
+    @staticmethod
+    def make(S: int, D: int, tokens: int) -> FlashProblem:
+        B, H = max(1, tokens // S), 2048 // D
+        rng = np.random.default_rng(S + D)
+        q, k, v = (jnp.asarray(rng.standard_normal((B, S, H, D)), jnp.bfloat16) for _ in range(3))
+        return FlashProblem(q, k, v)
+
+    @property
+    def flops(self) -> float:
+        B, S, H, D = self.q.shape
+        return 4 * B * H * S * S * D / 2  # causal: half the logits
+
+    def tag(self) -> str:
+        B, S, H, D = self.q.shape
+        return f"S={S} B={B} H={H} D={D} dtype=bfloat16 causal=1"
+
+    def ours(self, **tiles: int) -> Callable[[], jax.Array]:
+        B, S = self.q.shape[:2]
+        pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        lens = jnp.full((B,), S, jnp.int32)
+        fn = jax.jit(
+            lambda q, k, v: flash_attention(q, k, v, q_positions=pos, kv_lengths=lens, **tiles)
+        )
+        return lambda: fn(self.q, self.k, self.v)
+
+    def peer(self, implementation: str) -> Callable[[], jax.Array]:
+        fn = jax.jit(
             lambda q, k, v: jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation="cudnn"
+                q, k, v, is_causal=True, implementation=implementation
             )
-        ),
-        "xla": jax.jit(
-            lambda q, k, v: jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, implementation="xla"
-            )
-        ),
-    }
-    tflops = {}
-    for name, fn in impls.items():
-        try:
-            seconds = _best_seconds(lambda f=fn: f(q, k, v), args.repeats)
-            tflops[name] = flops / seconds / 1e12
-        except Exception as e:  # a peer unavailable on this card: report nan
-            tqdm.write(f"# {name} failed at S={S} D={D}: {type(e).__name__}: {e}", sys.stderr)
-            tflops[name] = float("nan")
-    return (
-        f"bench=attention impl=pallas S={S} B={B} H={H} D={D} dtype=bfloat16 causal=1 "
+        )
+        return lambda: fn(self.q, self.k, self.v)
+
+
+def _tflops_or_nan(problem: FlashProblem, fn: Callable[[], jax.Array], what: str, repeats: int):
+    """TFLOP/s of ``fn`` and its output, or nan and None where it fails (a peer unavailable
+    on this card, a tile that does not fit in shared memory)."""
+    try:
+        out = jax.block_until_ready(fn())
+        return problem.flops / _gpu_seconds(fn, repeats) / 1e12, out
+    except Exception as e:
+        tqdm.write(f"# {what} failed: {type(e).__name__}: {str(e)[:300]}", sys.stderr)
+        return float("nan"), None
+
+
+def _gpu_flash_lines(S: int, D: int, args: argparse.Namespace) -> list[str]:
+    problem = FlashProblem.make(S, D, args.gpu_tokens)
+    tflops, outs = {}, {}
+    for name, fn in (
+        ("cudnn", problem.peer("cudnn")),
+        ("xla", problem.peer("xla")),
+        ("flash", problem.ours()),
+    ):
+        tflops[name], outs[name] = _tflops_or_nan(
+            problem, fn, f"{name} {problem.tag()}", args.repeats
+        )
+    err = float("nan")
+    if outs["flash"] is not None and outs["cudnn"] is not None:
+        err = _rel_err(outs["flash"], outs["cudnn"])
+    return [
+        f"bench=attention impl=pallas {problem.tag()} "
         f"flash_tflops={_fmt(tflops['flash'], 1)} cudnn_tflops={_fmt(tflops['cudnn'], 1)} "
         f"xla_tflops={_fmt(tflops['xla'], 1)} "
         f"vs_cudnn={_fmt(tflops['flash'] / tflops['cudnn'])} "
-        f"vs_xla={_fmt(tflops['flash'] / tflops['xla'])} device={_device_tag()}"
-    )
+        f"vs_xla={_fmt(tflops['flash'] / tflops['xla'])} err_vs_cudnn={err:.1e} "
+        f"device={_device_tag()}"
+    ]
 
 
-def _gpu_paged_line(B: int, ctx: int, args: argparse.Namespace) -> str:
-    H, K, D, P = 32, 8, 128, 16
-    M = ctx // P
-    N = 1 + B * M
-    rng = np.random.default_rng(B + ctx)
-    tables = (1 + rng.permutation(B * M)).reshape(B, M).astype(np.int32)
-    k_pages = jnp.asarray(rng.standard_normal((N, P, K, D)), jnp.bfloat16)
-    v_pages = jnp.asarray(rng.standard_normal((N, P, K, D)), jnp.bfloat16)
-    q = jnp.asarray(rng.standard_normal((B, H, D)), jnp.bfloat16)
-    lens = jnp.full((B,), ctx, jnp.int32)
-    bt = jnp.asarray(tables)
-    fn = jax.jit(
-        lambda q, kp, vp: dispatch.paged_decode_attention(q, kp, vp, bt, lens, impl="pallas")
-    )
-    seconds = _best_seconds(lambda: fn(q, k_pages, v_pages), args.repeats)
-    bytes_read = 2 * B * ctx * K * D * 2 + 2 * B * H * D * 2
-    gbps = bytes_read / seconds / 1e9
-    hbm = _hbm_gbps()
+# Flash tiles tried by --tune: (block_q, block_k, num_warps, num_stages).
+FLASH_TUNE_GRID = tuple(
+    (bq, bk, w, st) for bq in (64, 128) for bk in (32, 64, 128) for w in (4, 8) for st in (2, 3)
+)
+
+
+def _gpu_flash_tune_lines(S: int, D: int, args: argparse.Namespace) -> list[str]:
+    problem = FlashProblem.make(S, D, args.gpu_tokens)
+    cudnn, ref = _tflops_or_nan(problem, problem.peer("cudnn"), "cudnn", args.repeats)
+    lines = []
+    for bq, bk, w, st in tqdm(FLASH_TUNE_GRID, desc=f"flash tiles D={D}", file=sys.stderr):
+        fn = problem.ours(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+        tflops, out = _tflops_or_nan(problem, fn, f"tiles {bq}x{bk} w{w} s{st}", args.repeats)
+        err = float("nan") if out is None or ref is None else _rel_err(out, ref)
+        lines.append(
+            f"bench=attention-tune impl=pallas {problem.tag()} block_q={bq} block_k={bk} "
+            f"num_warps={w} num_stages={st} flash_tflops={_fmt(tflops, 1)} "
+            f"vs_cudnn={_fmt(tflops / cudnn)} err_vs_cudnn={err:.1e} device={_device_tag()}"
+        )
+    return lines
+
+
+@dataclass(frozen=True)
+class PagedProblem:
+    """bf16 decode over 16-token pages: 32 query / 8 KV heads, D=128, block tables shuffled."""
+
+    q: jax.Array  # [B, H, D]
+    k_pages: jax.Array  # [N, P, K, D]
+    v_pages: jax.Array  # [N, P, K, D]
+    tables: jax.Array  # [B, M] int32
+    lens: jax.Array  # [B] int32
+
+    @staticmethod
+    def make(B: int, ctx: int) -> PagedProblem:
+        H, K, D, P = 32, 8, 128, 16
+        M = ctx // P
+        rng = np.random.default_rng(B + ctx)
+        tables = (1 + rng.permutation(B * M)).reshape(B, M).astype(np.int32)
+        pages = (1 + B * M, P, K, D)
+        return PagedProblem(
+            q=jnp.asarray(rng.standard_normal((B, H, D)), jnp.bfloat16),
+            k_pages=jnp.asarray(rng.standard_normal(pages), jnp.bfloat16),
+            v_pages=jnp.asarray(rng.standard_normal(pages), jnp.bfloat16),
+            tables=jnp.asarray(tables),
+            lens=jnp.full((B,), ctx, jnp.int32),
+        )
+
+    @property
+    def bytes_read(self) -> int:
+        B, H, D = self.q.shape
+        ctx, K = self.tables.shape[1] * self.k_pages.shape[1], self.k_pages.shape[2]
+        return 2 * B * ctx * K * D * 2 + 2 * B * H * D * 2
+
+    def tag(self) -> str:
+        B, H, D = self.q.shape
+        P, K = self.k_pages.shape[1:3]
+        ctx = self.tables.shape[1] * P
+        return f"B={B} ctx={ctx} H={H} K={K} D={D} P={P} dtype=bfloat16"
+
+    def ours(self, **tiles: int) -> Callable[[], jax.Array]:
+        fn = jax.jit(lambda q, kp, vp: paged_attention(q, kp, vp, self.tables, self.lens, **tiles))
+        return lambda: fn(self.q, self.k_pages, self.v_pages)
+
+    def reference(self) -> jax.Array:  # [B, H, D] f32
+        with jax.default_matmul_precision("highest"):
+            return paged_attention_reference(
+                self.q.astype(jnp.float32),
+                self.k_pages.astype(jnp.float32),
+                self.v_pages.astype(jnp.float32),
+                self.tables,
+                self.lens,
+            )
+
+
+def _paged_fields(problem: PagedProblem, fn: Callable[[], jax.Array], ref, repeats: int) -> str:
+    try:
+        out = jax.block_until_ready(fn())
+        seconds = _gpu_seconds(fn, repeats)
+        err = _rel_err(out, ref)
+    except Exception as e:
+        tqdm.write(
+            f"# paged {problem.tag()} failed: {type(e).__name__}: {str(e)[:300]}", sys.stderr
+        )
+        seconds, err = float("nan"), float("nan")
+    gbps, hbm = problem.bytes_read / seconds / 1e9, _hbm_gbps()
     return (
-        f"bench=attention impl=paged B={B} ctx={ctx} H={H} K={K} D={D} P={P} dtype=bfloat16 "
         f"us={_fmt(seconds * 1e6, 1)} gbps={_fmt(gbps, 0)} hbm_gbps={_fmt(hbm, 0)} "
-        f"hbm_frac={_fmt(gbps / hbm)} device={_device_tag()}"
+        f"hbm_frac={_fmt(gbps / hbm)} err_vs_f32={err:.1e} device={_device_tag()}"
     )
+
+
+def _gpu_paged_lines(B: int, ctx: int, args: argparse.Namespace) -> list[str]:
+    problem = PagedProblem.make(B, ctx)
+    fields = _paged_fields(problem, problem.ours(), problem.reference(), args.repeats)
+    return [f"bench=attention impl=paged {problem.tag()} {fields}"]
+
+
+# Paged tiles tried by --tune: (pages_per_block, num_warps, num_stages, split multiplier).
+PAGED_TUNE_GRID = tuple(
+    (ppb, w, st, x) for ppb in (2, 4, 8) for w in (4, 8) for st in (2, 3) for x in (1, 4)
+)
+
+
+def _gpu_paged_tune_lines(B: int, ctx: int, args: argparse.Namespace) -> list[str]:
+    problem = PagedProblem.make(B, ctx)
+    ref = problem.reference()
+    K, tables = problem.k_pages.shape[2], problem.tables.shape[1]
+    lines = []
+    for ppb, w, st, x in tqdm(PAGED_TUNE_GRID, desc=f"paged tiles B={B}", file=sys.stderr):
+        target = paged_block_sizes(problem.q.shape[2]).target_programs * x
+        splits = num_splits_for(B, K, -(-tables // ppb), target)
+        fn = problem.ours(pages_per_block=ppb, num_splits=splits, num_warps=w, num_stages=st)
+        lines.append(
+            f"bench=attention-tune impl=paged {problem.tag()} pages_per_block={ppb} "
+            f"num_splits={splits} num_warps={w} num_stages={st} "
+            f"{_paged_fields(problem, fn, ref, args.repeats)}"
+        )
+    return lines
 
 
 def _gpu_devices() -> list[jax.Device]:
@@ -214,6 +378,14 @@ def _hbm_gbps() -> float:
     return float("nan")
 
 
+GPU_SETTINGS: dict[str, Callable[[int, int, argparse.Namespace], list[str]]] = {
+    "flash": _gpu_flash_lines,
+    "paged": _gpu_paged_lines,
+    "flash-tune": _gpu_flash_tune_lines,
+    "paged-tune": _gpu_paged_tune_lines,
+}
+
+
 def run(args: argparse.Namespace) -> int:
     settings: list[tuple[str, Sequence[int]]] = []
     if not args.skip_cpu:
@@ -222,15 +394,17 @@ def run(args: argparse.Namespace) -> int:
     if gpu:
         settings += [("flash", (S, D)) for D in (64, 128) for S in _ints(args.gpu_seqs)]
         settings += [("paged", (B, ctx)) for B in (1, 8, 64) for ctx in (1024, 4096, 16384)]
+        if args.tune:
+            settings += [("flash-tune", (args.tune_seq, D)) for D in (64, 128)]
+            settings += [("paged-tune", (B, ctx)) for B, ctx in ((8, 16384), (64, 4096))]
     elif not args.skip_gpu:
         tqdm.write("# no GPU here: GPU settings skipped", sys.stderr)
     cpu = jax.devices("cpu")[0]
     for kind, params in tqdm(settings, desc="attention", unit="setting", file=sys.stderr):
         if kind == "cpu":
-            line = _cpu_setting(params[0], args, cpu).line(args)
-        elif kind == "flash":
-            line = _gpu_flash_line(params[0], params[1], args)
+            lines = [_cpu_setting(params[0], args, cpu).line(args)]
         else:
-            line = _gpu_paged_line(params[0], params[1], args)
-        tqdm.write(line, sys.stdout)
+            lines = GPU_SETTINGS[kind](params[0], params[1], args)
+        for line in lines:
+            tqdm.write(line, sys.stdout)
     return 0
