@@ -64,7 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-seqs", default="1024,2048,4096,8192,16384")
     parser.add_argument("--gpu-tokens", type=int, default=16384, help="batch x S on the GPU")
     parser.add_argument("--tune", action="store_true", help="GPU: also time grids of tile sizes")
-    parser.add_argument("--tune-seq", type=int, default=8192, help="S of the flash tile grid")
+    parser.add_argument("--tune-seqs", default="8192", help="S of the flash tile grid")
+    parser.add_argument(
+        "--flash-tiles", default="", help="flash tiles to tune, BQxBKxWARPSxSTAGES,... (a grid)"
+    )
+    parser.add_argument(
+        "--paged-tiles", default="", help="paged tiles to tune, PAGESxWARPSxSTAGESxSPLITx,..."
+    )
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
 
@@ -245,11 +251,20 @@ FLASH_TUNE_GRID = tuple(
 )
 
 
+def _tiles(text: str, grid: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    """``"128x64x4x3,64x64x4x2"`` as tuples of four ints; the default grid when empty."""
+    tiles = tuple(tuple(int(x) for x in t.split("x")) for t in text.split(",") if t.strip())
+    if any(len(t) != 4 for t in tiles):
+        raise ValueError(f"tiles {text!r}: each must be four integers joined by 'x'")
+    return tiles or grid
+
+
 def _gpu_flash_tune_lines(S: int, D: int, args: argparse.Namespace) -> list[str]:
     problem = FlashProblem.make(S, D, args.gpu_tokens)
     cudnn, ref = _tflops_or_nan(problem, problem.peer("cudnn"), "cudnn", args.repeats)
     lines = []
-    for bq, bk, w, st in tqdm(FLASH_TUNE_GRID, desc=f"flash tiles D={D}", file=sys.stderr):
+    grid = _tiles(args.flash_tiles, FLASH_TUNE_GRID)
+    for bq, bk, w, st in tqdm(grid, desc=f"flash tiles D={D}", file=sys.stderr):
         fn = problem.ours(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
         tflops, out = _tflops_or_nan(problem, fn, f"tiles {bq}x{bk} w{w} s{st}", args.repeats)
         err = float("nan") if out is None or ref is None else _rel_err(out, ref)
@@ -347,7 +362,8 @@ def _gpu_paged_tune_lines(B: int, ctx: int, args: argparse.Namespace) -> list[st
     ref = problem.reference()
     K, tables = problem.k_pages.shape[2], problem.tables.shape[1]
     lines = []
-    for ppb, w, st, x in tqdm(PAGED_TUNE_GRID, desc=f"paged tiles B={B}", file=sys.stderr):
+    grid = _tiles(args.paged_tiles, PAGED_TUNE_GRID)
+    for ppb, w, st, x in tqdm(grid, desc=f"paged tiles B={B}", file=sys.stderr):
         target = paged_block_sizes(problem.q.shape[2]).target_programs * x
         splits = num_splits_for(B, K, -(-tables // ppb), target)
         fn = problem.ours(pages_per_block=ppb, num_splits=splits, num_warps=w, num_stages=st)
@@ -395,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
         settings += [("flash", (S, D)) for D in (64, 128) for S in _ints(args.gpu_seqs)]
         settings += [("paged", (B, ctx)) for B in (1, 8, 64) for ctx in (1024, 4096, 16384)]
         if args.tune:
-            settings += [("flash-tune", (args.tune_seq, D)) for D in (64, 128)]
+            settings += [("flash-tune", (S, D)) for S in _ints(args.tune_seqs) for D in (64, 128)]
             settings += [("paged-tune", (B, ctx)) for B, ctx in ((8, 16384), (64, 4096))]
     elif not args.skip_gpu:
         tqdm.write("# no GPU here: GPU settings skipped", sys.stderr)

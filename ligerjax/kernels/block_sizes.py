@@ -85,17 +85,17 @@ FLASH_ATTENTION: dict[int, FlashBlockSizes] = {
     16: FlashBlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=3),
     32: FlashBlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=3),
     64: FlashBlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=3),
-    128: FlashBlockSizes(block_q=128, block_k=64, num_warps=8, num_stages=2),
+    128: FlashBlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3),
     256: FlashBlockSizes(block_q=64, block_k=32, num_warps=8, num_stages=2),
 }
 
 # Head dim -> paged tiles (decode and ragged). A key tile is block_k tokens, or one page when
 # pages are bigger.
 PAGED_ATTENTION: dict[int, PagedBlockSizes] = {
-    16: PagedBlockSizes(block_k=64, rows=64, num_warps=4, num_stages=2, target_programs=264),
-    32: PagedBlockSizes(block_k=64, rows=64, num_warps=4, num_stages=2, target_programs=264),
-    64: PagedBlockSizes(block_k=64, rows=64, num_warps=4, num_stages=2, target_programs=264),
-    128: PagedBlockSizes(block_k=64, rows=64, num_warps=4, num_stages=2, target_programs=264),
+    16: PagedBlockSizes(block_k=64, rows=64, num_warps=4, num_stages=3, target_programs=264),
+    32: PagedBlockSizes(block_k=64, rows=64, num_warps=4, num_stages=3, target_programs=264),
+    64: PagedBlockSizes(block_k=64, rows=64, num_warps=4, num_stages=3, target_programs=264),
+    128: PagedBlockSizes(block_k=64, rows=64, num_warps=4, num_stages=3, target_programs=264),
     256: PagedBlockSizes(block_k=32, rows=32, num_warps=8, num_stages=2, target_programs=264),
 }
 
