@@ -1,9 +1,13 @@
 """Tuned tile sizes of the attention kernels: data, looked up by head dim (and page size).
 
 Every entry is a power of two, as Triton needs; 2-D dots inside the kernels are at least 16
-wide. The GPU numbers follow the usual FlashAttention-2 / Triton choices for Ampere and Hopper
-(128-row query tiles, 64-key tiles, 4 warps up to D=64 and 8 above); they are starting points
-to retune on a real card (``ligerjax bench attention`` prints the TFLOP/s of each setting).
+wide. The GPU numbers for head dims 64 and 128 are the best of a sweep on an H200
+(``ligerjax bench attention --tune``, 2026-11-30, docs/BENCHMARKS.md) among tiles that also fit
+an A100's 164 KiB of shared memory: 64x64 flash tiles with 4 warps and 3 pipeline stages ran
+at 0.73-0.80 of cuDNN for D=64 and 0.65-0.73 for D=128 (the earlier 128-row tiles: 0.68-0.77
+and 0.53-0.58); the paged kernels read 4 pages (64 keys) a step with 3 stages. The other head
+dims keep the usual FlashAttention-2 / Triton starting points.
+
 The CPU numbers are the tiles of the pure-JAX blockwise fallback, measured on the 2-core
 development machine: big enough for efficient matrix products, small enough that the working
 set (one ``[block_q, block_k]`` tile of logits per head) stays a few MiB.
@@ -84,7 +88,7 @@ class FallbackBlockSizes:
 FLASH_ATTENTION: dict[int, FlashBlockSizes] = {
     16: FlashBlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=3),
     32: FlashBlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=3),
-    64: FlashBlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=3),
+    64: FlashBlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3),
     128: FlashBlockSizes(block_q=64, block_k=64, num_warps=4, num_stages=3),
     256: FlashBlockSizes(block_q=64, block_k=32, num_warps=8, num_stages=2),
 }
