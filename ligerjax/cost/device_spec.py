@@ -221,26 +221,8 @@ H100_SXM = DeviceSpec(
 
 # NVIDIA H200 SXM 141GB, datasheet ("NVIDIA H200 Tensor Core GPU", 2024): the H100's compute
 # (989 TFLOPS BF16 dense, 1,979 FP8) with HBM3e 4.8 TB/s and NVLink 900 GB/s.
-H200 = DeviceSpec(
-    name="h200",
-    vendor="nvidia",
-    peak_flops=(
-        ("float16", 989.4 * _TFLOPS),
-        ("bfloat16", 989.4 * _TFLOPS),
-        ("float8_e4m3fn", 1978.9 * _TFLOPS),
-        ("tensorfloat32", 494.7 * _TFLOPS),
-        ("float32", 67 * _TFLOPS),
-        ("float64", 67 * _TFLOPS),
-        ("int8", 1978.9 * _TFLOPS),
-    ),
-    memory_bandwidth=4800 * _GB,
-    link_bandwidth=450 * _GB,
-    link_latency=4e-6,
-    launch_latency=3e-6,
-    memory_bytes=141 * _GB,
-    compute_efficiency=0.7,
-    memory_efficiency=0.8,
-    link_efficiency=0.75,
+H200 = dataclasses.replace(
+    H100_SXM, name="h200", memory_bandwidth=4800 * _GB, memory_bytes=141 * _GB
 )
 
 # This machine ("cpu-2c"): 2 vCPUs of an AMD EPYC Zen 4 (family 25, model 17: EPYC 9004) under
