@@ -21,12 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ligerjax.kernels.block_sizes import FALLBACK, next_power_of_two
-
-# The running max starts finite, so that exp(m_old - m_new) is never exp(-inf + inf) for a
-# row that has seen only masked keys; masked logits are -inf and contribute exactly 0.
-M_INIT = -1e30
-
-Carry = tuple[jax.Array, jax.Array, jax.Array]  # running max, running sum, accumulator
+from ligerjax.kernels.online_softmax import M_INIT, Carry
 
 
 def _cdiv(a, b):

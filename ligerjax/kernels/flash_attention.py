@@ -21,7 +21,6 @@ two (>= 16) and the query and key lengths to a whole number of tiles; padded key
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +35,7 @@ from ligerjax.kernels.block_sizes import (
     is_power_of_two,
     next_power_of_two,
 )
-
-LOG2E = math.log2(math.e)
-M_INIT = -1e30  # finite start of the running max (see fallback.M_INIT)
+from ligerjax.kernels.online_softmax import attend_key_tiles, attend_tile, normalise
 
 _FN = "flash_attention"
 
@@ -69,48 +66,28 @@ def _flash_kernel(
     hi = jnp.maximum(hi, 0)
     full = jnp.minimum(jnp.maximum(full, 0), hi)
 
-    def key_tile(masked: bool):
-        def body(j, carry):
-            m_q, l_q, acc_qd = carry
-            start = pl.multiple_of(j * block_k, block_k)
-            k_cd = k_ref[pl.ds(start, block_k), :]
-            s_qc = lax.dot_general(
-                q_qd,
-                k_cd,
-                (((1,), (1,)), ((), ())),
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
-            s_qc = s_qc * (sm_scale * LOG2E)
-            if masked:
-                key_c = start + jnp.arange(block_k, dtype=jnp.int32)
-                mask_qc = key_c[None, :] < kv_len
-                if causal:
-                    mask_qc = mask_qc & (key_c[None, :] <= pos_q[:, None])
-                s_qc = jnp.where(mask_qc, s_qc, -jnp.inf)
-            m_new = jnp.maximum(m_q, jnp.max(s_qc, axis=1))
-            alpha_q = jnp.exp2(m_q - m_new)
-            p_qc = jnp.exp2(s_qc - m_new[:, None])
-            l_q = alpha_q * l_q + jnp.sum(p_qc, axis=1)
-            v_cd = v_ref[pl.ds(start, block_k), :]
-            pv_qd = jnp.dot(
-                p_qc.astype(v_cd.dtype),
-                v_cd,
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
-            return m_new, l_q, acc_qd * alpha_q[:, None] + pv_qd
+    def key_tile(j, carry, *, masked: bool):
+        start = pl.multiple_of(j * block_k, block_k)
 
-        return body
+        def mask_qc():
+            key_c = start + jnp.arange(block_k, dtype=jnp.int32)
+            mask_qc = key_c[None, :] < kv_len
+            if causal:
+                mask_qc = mask_qc & (key_c[None, :] <= pos_q[:, None])
+            return mask_qc
 
-    carry = (
-        jnp.full((block_q,), M_INIT, jnp.float32),
-        jnp.zeros((block_q,), jnp.float32),
-        jnp.zeros((block_q, head_dim), jnp.float32),
-    )
-    carry = lax.fori_loop(0, full, key_tile(masked=False), carry)
-    _, l_q, acc_qd = lax.fori_loop(full, hi, key_tile(masked=True), carry)
-    o_ref[...] = (acc_qd / jnp.where(l_q == 0, 1.0, l_q)[:, None]).astype(o_ref.dtype)
+        return attend_tile(
+            carry,
+            q_qd,
+            k_ref[pl.ds(start, block_k), :],
+            lambda: v_ref[pl.ds(start, block_k), :],
+            mask_qc if masked else None,
+            sm_scale=sm_scale,
+            precision=precision,
+        )
+
+    _, l_q, acc_qd = attend_key_tiles(key_tile, full, hi, block_q, head_dim)
+    o_ref[...] = normalise(l_q, acc_qd).astype(o_ref.dtype)
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:

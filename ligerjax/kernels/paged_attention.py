@@ -35,12 +35,8 @@ from ligerjax.kernels.block_sizes import (
     next_power_of_two,
     paged_block_sizes,
 )
-from ligerjax.kernels.flash_attention import (
-    LOG2E,
-    M_INIT,
-    default_interpret,
-    flash_attention_reference,
-)
+from ligerjax.kernels.flash_attention import default_interpret, flash_attention_reference
+from ligerjax.kernels.online_softmax import attend_key_tiles, attend_tile, normalise
 
 _FN = "paged_attention"
 
@@ -71,46 +67,26 @@ def _paged_decode_kernel(
     full = keys // block_k
     q_gd = q_ref[...]
 
-    def key_tile(masked: bool):
-        def body(j, carry):
-            m_g, l_g, acc_gd = carry
-            page0 = first_page + j * pages_per_block
-            ids = bt_ref[pl.ds(page0, pages_per_block)]
-            k_cd = k_ref[ids].reshape(block_k, head_dim)
-            s_gc = lax.dot_general(
-                q_gd,
-                k_cd,
-                (((1,), (1,)), ((), ())),
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
-            s_gc = s_gc * (sm_scale * LOG2E)
-            if masked:
-                key_c = page0 * page_size + jnp.arange(block_k, dtype=jnp.int32)
-                s_gc = jnp.where(key_c[None, :] < ctx, s_gc, -jnp.inf)
-            m_new = jnp.maximum(m_g, jnp.max(s_gc, axis=1))
-            alpha_g = jnp.exp2(m_g - m_new)
-            p_gc = jnp.exp2(s_gc - m_new[:, None])
-            l_g = alpha_g * l_g + jnp.sum(p_gc, axis=1)
-            v_cd = v_ref[ids].reshape(block_k, head_dim)
-            pv_gd = jnp.dot(
-                p_gc.astype(v_cd.dtype),
-                v_cd,
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
-            return m_new, l_g, acc_gd * alpha_g[:, None] + pv_gd
+    def key_tile(j, carry, *, masked: bool):
+        page0 = first_page + j * pages_per_block
+        ids = bt_ref[pl.ds(page0, pages_per_block)]
 
-        return body
+        def mask_gc():
+            key_c = page0 * page_size + jnp.arange(block_k, dtype=jnp.int32)
+            return key_c[None, :] < ctx
 
-    carry = (
-        jnp.full((rows,), M_INIT, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, head_dim), jnp.float32),
-    )
-    carry = lax.fori_loop(0, full, key_tile(masked=False), carry)
-    m_g, l_g, acc_gd = lax.fori_loop(full, hi, key_tile(masked=True), carry)
-    o_ref[...] = acc_gd / jnp.where(l_g == 0, 1.0, l_g)[:, None]
+        return attend_tile(
+            carry,
+            q_gd,
+            k_ref[ids].reshape(block_k, head_dim),
+            lambda: v_ref[ids].reshape(block_k, head_dim),
+            mask_gc if masked else None,
+            sm_scale=sm_scale,
+            precision=precision,
+        )
+
+    m_g, l_g, acc_gd = attend_key_tiles(key_tile, full, hi, rows, head_dim)
+    o_ref[...] = normalise(l_g, acc_gd)
     m_ref[...] = m_g
     l_ref[...] = l_g
 

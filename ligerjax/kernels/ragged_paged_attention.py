@@ -29,12 +29,8 @@ from jax.experimental.pallas import triton as plgpu
 from ligerjax.kernels import checks
 from ligerjax.kernels.block_sizes import is_power_of_two, next_power_of_two, paged_block_sizes
 from ligerjax.kernels.fallback import ragged_work_items
-from ligerjax.kernels.flash_attention import (
-    LOG2E,
-    M_INIT,
-    default_interpret,
-    flash_attention_reference,
-)
+from ligerjax.kernels.flash_attention import default_interpret, flash_attention_reference
+from ligerjax.kernels.online_softmax import attend_key_tiles, attend_tile, normalise
 from ligerjax.kernels.paged_attention import (
     check_paged_args,
     check_pallas_paged_shapes,
@@ -78,46 +74,25 @@ def _ragged_kernel(
     pos_r = ctx - q_end + token_r
     q_rd = q_ref[pl.ds(start, block_q), :, :].reshape(rows, head_dim)
 
-    def key_tile(masked: bool):
-        def body(j, carry):
-            m_r, l_r, acc_rd = carry
-            ids = bt_ref[b, pl.ds(j * pages_per_block, pages_per_block)]
-            k_cd = k_ref[ids].reshape(block_k, head_dim)
-            s_rc = lax.dot_general(
-                q_rd,
-                k_cd,
-                (((1,), (1,)), ((), ())),
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
-            s_rc = s_rc * (sm_scale * LOG2E)
-            if masked:
-                key_c = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
-                mask_rc = (key_c[None, :] <= pos_r[:, None]) & (key_c[None, :] < ctx)
-                s_rc = jnp.where(mask_rc, s_rc, -jnp.inf)
-            m_new = jnp.maximum(m_r, jnp.max(s_rc, axis=1))
-            alpha_r = jnp.exp2(m_r - m_new)
-            p_rc = jnp.exp2(s_rc - m_new[:, None])
-            l_r = alpha_r * l_r + jnp.sum(p_rc, axis=1)
-            v_cd = v_ref[ids].reshape(block_k, head_dim)
-            pv_rd = jnp.dot(
-                p_rc.astype(v_cd.dtype),
-                v_cd,
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )
-            return m_new, l_r, acc_rd * alpha_r[:, None] + pv_rd
+    def key_tile(j, carry, *, masked: bool):
+        ids = bt_ref[b, pl.ds(j * pages_per_block, pages_per_block)]
 
-        return body
+        def mask_rc():
+            key_c = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            return (key_c[None, :] <= pos_r[:, None]) & (key_c[None, :] < ctx)
 
-    carry = (
-        jnp.full((rows,), M_INIT, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
-        jnp.zeros((rows, head_dim), jnp.float32),
-    )
-    carry = lax.fori_loop(0, full, key_tile(masked=False), carry)
-    _, l_r, acc_rd = lax.fori_loop(full, hi, key_tile(masked=True), carry)
-    o_rd = acc_rd / jnp.where(l_r == 0, 1.0, l_r)[:, None]
+        return attend_tile(
+            carry,
+            q_rd,
+            k_ref[ids].reshape(block_k, head_dim),
+            lambda: v_ref[ids].reshape(block_k, head_dim),
+            mask_rc if masked else None,
+            sm_scale=sm_scale,
+            precision=precision,
+        )
+
+    _, l_r, acc_rd = attend_key_tiles(key_tile, full, hi, rows, head_dim)
+    o_rd = normalise(l_r, acc_rd)
     o_qgd = o_rd.reshape(block_q, group, head_dim).astype(o_ref.dtype)
     token_q = start + jnp.arange(block_q, dtype=jnp.int32)
     mask_qgd = jnp.broadcast_to((token_q < q_end)[:, None, None], o_qgd.shape)
