@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test lint bench fmt clean
+.PHONY: demo test test-gpu lint bench fmt clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or run: make PY=python3 ...)"; exit 1; }
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# On a machine with an NVIDIA GPU: the Pallas kernels compiled for real (marker `gpu`).
+test-gpu: $(STAMP)
+	$(BIN)/pip install -q -e ".[cuda12]"
+	JAX_PLATFORMS=cuda,cpu $(BIN)/python -m pytest -q -m gpu tests/kernels
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

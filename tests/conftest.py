@@ -1,4 +1,5 @@
-"""Test set-up: 8 virtual CPU devices unless real accelerators are present.
+"""Test set-up: 8 virtual CPU devices, unless ``JAX_PLATFORMS`` names other platforms
+(``make test-gpu`` runs the ``gpu``-marked tests with ``JAX_PLATFORMS=cuda,cpu``).
 
 The XLA flag must be set before JAX initialises its backends, so it is set here, at
 import time of the first conftest, before any test module imports JAX.
