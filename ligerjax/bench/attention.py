@@ -69,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--flash-tiles", default="", help="flash tiles to tune, BQxBKxWARPSxSTAGES,... (a grid)"
     )
     parser.add_argument(
-        "--paged-tiles", default="", help="paged tiles to tune, PAGESxWARPSxSTAGESxSPLITx,..."
+        "--paged-tiles",
+        default="",
+        help="paged tiles to tune, PAGESxWARPSxSTAGESxSPLITS,... (SPLITS scales the default)",
     )
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
