@@ -212,15 +212,22 @@ class FlashProblem:
         return lambda: fn(self.q, self.k, self.v)
 
 
-def _tflops_or_nan(problem: FlashProblem, fn: Callable[[], jax.Array], what: str, repeats: int):
-    """TFLOP/s of ``fn`` and its output, or nan and None where it fails (a peer unavailable
-    on this card, a tile that does not fit in shared memory)."""
+def _timed(fn: Callable[[], jax.Array], what: str, repeats: int) -> tuple[float, jax.Array | None]:
+    """Median seconds per call of ``fn`` and its output, or nan and None where it fails (a peer
+    unavailable on this card, a tile that does not fit in shared memory)."""
     try:
         out = jax.block_until_ready(fn())
-        return problem.flops / _gpu_seconds(fn, repeats) / 1e12, out
+        return _gpu_seconds(fn, repeats), out
     except Exception as e:
         tqdm.write(f"# {what} failed: {type(e).__name__}: {str(e)[:300]}", sys.stderr)
         return float("nan"), None
+
+
+def _tflops_or_nan(
+    problem: FlashProblem, fn: Callable[[], jax.Array], what: str, repeats: int
+) -> tuple[float, jax.Array | None]:
+    seconds, out = _timed(fn, what, repeats)
+    return problem.flops / seconds / 1e12, out
 
 
 def _gpu_flash_lines(S: int, D: int, args: argparse.Namespace) -> list[str]:
@@ -330,16 +337,11 @@ class PagedProblem:
             )
 
 
-def _paged_fields(problem: PagedProblem, fn: Callable[[], jax.Array], ref, repeats: int) -> str:
-    try:
-        out = jax.block_until_ready(fn())
-        seconds = _gpu_seconds(fn, repeats)
-        err = _rel_err(out, ref)
-    except Exception as e:
-        tqdm.write(
-            f"# paged {problem.tag()} failed: {type(e).__name__}: {str(e)[:300]}", sys.stderr
-        )
-        seconds, err = float("nan"), float("nan")
+def _paged_fields(
+    problem: PagedProblem, fn: Callable[[], jax.Array], ref: jax.Array, repeats: int
+) -> str:
+    seconds, out = _timed(fn, f"paged {problem.tag()}", repeats)
+    err = float("nan") if out is None else _rel_err(out, ref)
     gbps, hbm = problem.bytes_read / seconds / 1e9, _hbm_gbps()
     return (
         f"us={_fmt(seconds * 1e6, 1)} gbps={_fmt(gbps, 0)} hbm_gbps={_fmt(hbm, 0)} "
