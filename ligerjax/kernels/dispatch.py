@@ -2,15 +2,18 @@
 
 ``impl`` picks the implementation:
 
-* ``"auto"`` (default): the Pallas Triton kernel when the program is lowered for a GPU, the
-  pure-JAX blockwise fallback otherwise (CPU). The choice is made at lowering time with
+* ``"auto"`` (default): the Pallas Triton kernel when the program is lowered for a GPU; on the
+  CPU, paged attention over float32 pages runs the C++ kernel
+  (:mod:`ligerjax.kernels.native_attention`) where it could be built, everything else the
+  pure-JAX blockwise fallback. The choice is made at lowering time with
   ``lax.platform_dependent``, so one traced program serves both, and a deviceless GPU compile
   from a CPU host gets the real kernels. Shapes the kernels do not take (head dims above 256;
   for paged attention, page sizes or head dims that are not powers of two) use the fallback
   everywhere.
 * ``"pallas"``: the Pallas kernel compiled for the GPU; ``"interpret"``: the Pallas kernel in
-  interpret mode (any backend; slow, for tests); ``"fallback"``: the blockwise pure-JAX
-  version; ``"reference"``: the dense plain-``jnp`` reference (O(S²) memory).
+  interpret mode (any backend; slow, for tests); ``"native"``: the C++ CPU kernel (paged
+  attention only); ``"fallback"``: the blockwise pure-JAX version; ``"reference"``: the dense
+  plain-``jnp`` reference (O(S²) memory).
 
 ``q`` may have another float dtype than K/V (say an f32 model over a bf16 cache): the
 fallbacks compute in f32 anyway, and the kernels get ``q`` cast to the K/V dtype; the output
@@ -34,6 +37,13 @@ from ligerjax.kernels.flash_attention import (
     flash_attention_reference,
 )
 from ligerjax.kernels.kv_writer import write_kv_pages
+from ligerjax.kernels.native_attention import (
+    MAX_PAGE_SIZE,
+    native_available,
+    native_paged_attention,
+    native_ragged_paged_attention,
+    native_supported,
+)
 from ligerjax.kernels.paged_attention import (
     check_paged_args,
     paged_attention,
@@ -48,8 +58,8 @@ from ligerjax.kernels.ragged_paged_attention import (
     ragged_paged_attention as pallas_ragged_paged_attention,
 )
 
-Impl = Literal["auto", "pallas", "interpret", "fallback", "reference"]
-IMPLS: tuple[str, ...] = ("auto", "pallas", "interpret", "fallback", "reference")
+Impl = Literal["auto", "pallas", "interpret", "native", "fallback", "reference"]
+IMPLS: tuple[str, ...] = ("auto", "pallas", "interpret", "native", "fallback", "reference")
 GPU_PLATFORMS = ("cuda", "rocm")
 
 __all__ = [
@@ -84,9 +94,20 @@ def _choose(
     fallback_fn: Callable[..., jax.Array],
     reference: Callable[..., jax.Array],
     kernel_ok: bool,
+    native: Callable[..., jax.Array] | None = None,
 ) -> jax.Array:
-    """Run ``args`` through the implementation ``impl`` names (see the module doc)."""
+    """Run ``args`` through the implementation ``impl`` names (see the module doc).
+
+    ``native`` is the C++ CPU kernel where this entry point has one and the arguments suit it.
+    """
     kernel = _in_kv_dtype(kernel)
+    if impl == "native":
+        if native is None:
+            raise ValueError(
+                "impl='native': the C++ kernel runs paged attention over float32 pages of at "
+                f"most {MAX_PAGE_SIZE} tokens; got K/V {args[1].dtype}{list(args[1].shape)}"
+            )
+        return native(*args)
     if impl == "fallback":
         return fallback_fn(*args)
     if impl == "reference":
@@ -99,6 +120,8 @@ def _choose(
         return fallback_fn(*args)
     gpu = functools.partial(kernel, interpret=False)
     branches = dict.fromkeys(GPU_PLATFORMS, gpu)
+    if native is not None and native_available():
+        branches["cpu"] = native
     return lax.platform_dependent(*args, default=fallback_fn, **branches)
 
 
@@ -162,6 +185,15 @@ def attention_fallback(
     )
 
 
+def _native(
+    kernel: Callable[..., jax.Array], k_pages: jax.Array, sm_scale: float
+) -> Callable[..., jax.Array] | None:
+    """The C++ kernel for these pages, or None where it does not take them."""
+    if not native_supported(k_pages.dtype, k_pages.shape[1]):
+        return None
+    return functools.partial(kernel, sm_scale=sm_scale)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "impl"))
 def _paged_decode(q, k_pages, v_pages, block_tables, context_lens, *, sm_scale, impl):
     return _choose(
@@ -171,6 +203,7 @@ def _paged_decode(q, k_pages, v_pages, block_tables, context_lens, *, sm_scale, 
         fallback_fn=functools.partial(fallback.blockwise_paged_attention, sm_scale=sm_scale),
         reference=functools.partial(paged_attention_reference, sm_scale=sm_scale),
         kernel_ok=pallas_paged_supported(q.shape[-1], k_pages.shape[1]),
+        native=_native(native_paged_attention, k_pages, sm_scale),
     )
 
 
@@ -211,6 +244,7 @@ def _ragged(q, k_pages, v_pages, block_tables, context_lens, cu_q_lens, *, sm_sc
         fallback_fn=functools.partial(fallback.blockwise_ragged_paged_attention, sm_scale=sm_scale),
         reference=functools.partial(ragged_paged_attention_reference, sm_scale=sm_scale),
         kernel_ok=pallas_paged_supported(q.shape[-1], k_pages.shape[1]),
+        native=_native(native_ragged_paged_attention, k_pages, sm_scale),
     )
 
 

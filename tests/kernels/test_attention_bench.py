@@ -9,11 +9,13 @@ import pytest
 
 from ligerjax.bench import attention
 from ligerjax.cli import main
+from ligerjax.kernels.native_attention import native_available
 
 
 def test_cpu_bench_prints_one_line_per_length(capsys):
     assert main(["bench", "attention", "--seqs", "256,512", "--repeats", "1", "--skip-gpu"]) == 0
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("bench=")]
+    out = capsys.readouterr().out.splitlines()
+    lines = [x for x in out if x.startswith("bench=attention impl=fallback")]
     assert [re.search(r"\bS=(\d+)", x).group(1) for x in lines] == ["256", "512"]
     for line in lines:
         assert line.startswith("bench=attention impl=fallback S=")
@@ -26,6 +28,23 @@ def _bench_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     attention.add_arguments(parser)
     return parser.parse_args(list(argv))
+
+
+@pytest.mark.skipif(not native_available(), reason="the C++ CPU kernel is not built here")
+def test_cpu_paged_lines_time_the_cpp_kernel_against_the_fallback():
+    args = _bench_args("--repeats", "1")
+    lines = [
+        *attention._cpu_paged_lines("decode", 4, args),
+        *attention._cpu_paged_lines("mixed", 2, args),
+    ]
+    fields = [dict(kv.split("=", 1) for kv in x.split()) for x in lines]
+    assert [(f["impl"], f["step"], f["T"], f["B"]) for f in fields] == [
+        ("native-paged", "decode", "4", "4"),
+        ("native-paged", "mixed", "482", "3"),
+    ]
+    for f in fields:
+        assert float(f["native_ms"]) > 0 and float(f["fallback_ms"]) > 0
+        assert float(f["err_vs_f32"]) < 1e-5
 
 
 def test_gpu_settings_print_their_lines_on_any_backend():

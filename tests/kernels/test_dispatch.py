@@ -1,5 +1,6 @@
-"""The per-backend entry points: every implementation agrees, "auto" lowers to the blockwise
-fallback for the CPU and to the Triton kernels for CUDA, and ops.attention goes through them."""
+"""The per-backend entry points: every implementation agrees, "auto" lowers to the Triton
+kernels for CUDA and, for the CPU, to the C++ kernel for paged attention (where it is built)
+and the blockwise fallback otherwise, and ops.attention goes through them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 from ligerjax import ops
 from ligerjax.kernels import dispatch, flash_attention_reference
+from ligerjax.kernels.native_attention import TARGET as NATIVE
+from ligerjax.kernels.native_attention import native_available
 
 TRITON = "__gpu$xla.gpu.triton"
 
@@ -43,6 +46,7 @@ def paged_args(rng, *, ragged: bool):
 
 
 IMPLS = ["auto", "fallback", "interpret", "reference"]
+PAGED_IMPLS = [*IMPLS, "native"] if native_available() else IMPLS
 
 
 def test_dense_implementations_agree(rng):
@@ -57,17 +61,18 @@ def test_dense_implementations_agree(rng):
 
 def test_paged_decode_implementations_agree(rng):
     args = paged_args(rng, ragged=False)
-    outs = {impl: dispatch.paged_decode_attention(*args, impl=impl) for impl in IMPLS}
-    for impl in IMPLS:
+    outs = {impl: dispatch.paged_decode_attention(*args, impl=impl) for impl in PAGED_IMPLS}
+    for impl in PAGED_IMPLS:
         assert rel_err(outs[impl], outs["reference"]) < 1e-5, impl
 
 
 def test_ragged_implementations_agree(rng):
     args = paged_args(rng, ragged=True)
     outs = {
-        impl: dispatch.ragged_paged_attention(*args, sm_scale=0.25, impl=impl) for impl in IMPLS
+        impl: dispatch.ragged_paged_attention(*args, sm_scale=0.25, impl=impl)
+        for impl in PAGED_IMPLS
     }
-    for impl in IMPLS:
+    for impl in PAGED_IMPLS:
         assert rel_err(outs[impl], outs["reference"]) < 1e-5, impl
 
 
@@ -82,19 +87,20 @@ def _lowered_text(fn, args, platform: str) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-def test_auto_lowers_to_triton_for_cuda_and_to_xla_loops_for_cpu(rng):
+def test_auto_lowers_to_triton_for_cuda_and_to_cpu_kernels_for_cpu(rng):
     dense = dense_args(rng)
     paged = paged_args(rng, ragged=False)
     ragged = paged_args(rng, ragged=True)
+    native = NATIVE if native_available() else "stablehlo.while"
     calls = [
-        (lambda *a: ops.attention(*a[:3], q_positions=a[3], kv_lengths=a[4]), dense),
-        (lambda *a: dispatch.paged_decode_attention(*a), paged),
-        (lambda *a: dispatch.ragged_paged_attention(*a), ragged),
+        (lambda *a: ops.attention(*a[:3], q_positions=a[3], kv_lengths=a[4]), dense, "while"),
+        (lambda *a: dispatch.paged_decode_attention(*a), paged, native),
+        (lambda *a: dispatch.ragged_paged_attention(*a), ragged, native),
     ]
-    for fn, args in calls:
+    for fn, args, cpu_marker in calls:
         assert TRITON in _lowered_text(fn, args, "cuda")
         cpu = _lowered_text(fn, args, "cpu")
-        assert TRITON not in cpu and "stablehlo.while" in cpu
+        assert TRITON not in cpu and cpu_marker in cpu
 
 
 def test_shapes_the_kernels_do_not_take_fall_back_everywhere(rng):

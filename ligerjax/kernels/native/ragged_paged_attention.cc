@@ -1,0 +1,311 @@
+// Ragged paged attention for the CPU, an XLA FFI custom call (float32).
+//
+// Packed query tokens of several sequences (chunked prefill and decode in one call) attend
+// to their own sequence's keys, read in place from the pages through the block table: no
+// gathered copy of K/V and no padding to the longest context. Token t of sequence b
+// (cu_q_lens[b] <= t < cu_q_lens[b + 1]) sits at position
+//   context_lens[b] - q_len[b] + (t - cu_q_lens[b])
+// and sees that sequence's keys at positions up to its own (and below context_lens[b],
+// clipped to the table's M * P slots). Rows that see no key, and tokens past
+// cu_q_lens[B], come out 0.
+//
+// Work items are (sequence, tile of up to kTileTokens query tokens); each item runs the
+// online softmax one page at a time for all its (token, head) rows, so a page of keys is
+// read from memory once per tile. With AVX2 and FMA, logits come 8 keys at a time and the
+// exponentials from a vector polynomial; otherwise plain loops. Items are shared out dynamically over XLA's intra-op thread
+// pool. Every row goes through the same code in the same key order whatever the batch,
+// tile or thread, so a token's output does not depend on what else is in the step.
+//
+// Layouts: q, out [T, H, D]; k_pages, v_pages [N, P, K, D]; block_tables [B, M];
+// context_lens [B]; cu_q_lens [B + 1]; H = K * G, query head h reads kv head h / G.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTileTokens = 16;
+constexpr int64_t kMaxPage = 256;
+
+struct Problem {
+  const float* q;
+  const float* k_pages;
+  const float* v_pages;
+  const int32_t* block_tables;
+  const int32_t* context_lens;
+  const int32_t* cu_q_lens;
+  float* out;
+  float sm_scale;
+  int64_t T, H, D, N, P, K, G, B, M;
+};
+
+struct Item {
+  int64_t b, t0, t1, cost;
+};
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+// exp(x) for x <= 0 (logits minus their running max), ~2 ulp: 2^n * p(r), |r| <= ln2 / 2.
+__m256 Exp(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// The 8 dot products of q_d with the 8 keys at k_jd, k_jd + stride, ...: lane j is key j.
+__m256 Dot8(const float* q_d, const float* k_jd, int64_t stride, int64_t D) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 q = _mm256_loadu_ps(q_d + d);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(q, _mm256_loadu_ps(k_jd + j * stride + d), a[j]);
+  }
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+float Dot(const float* a, const float* b, int64_t d) {
+  float s = 0.f;
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+int64_t SeqLen(const Problem& p, int64_t b) {
+  return std::clamp<int64_t>(p.context_lens[b], 0, p.M * p.P);
+}
+
+// Keys the token t of sequence b sees: positions [0, Seen).
+int64_t Seen(const Problem& p, int64_t b, int64_t t) {
+  const int64_t q_len = p.cu_q_lens[b + 1] - p.cu_q_lens[b];
+  const int64_t pos = p.context_lens[b] - q_len + (t - p.cu_q_lens[b]);
+  return std::clamp<int64_t>(pos + 1, 0, SeqLen(p, b));
+}
+
+// One row against keys [0, n) of a page: s_j <- exp(logit_j - m_new) with m_new the running
+// max after this page (returned in *m); returns sum_j s_j. Vector path: lanes past n are
+// masked out, so a page's keys are read in whole vectors of 8 (the page holds them).
+float PageSoftmax(const Problem& p, const float* q_d, const float* k_jd, int64_t n, float* m,
+                  float* s_j) {
+  const int64_t stride = p.K * p.D;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (p.D % 8 == 0 && p.P % 8 == 0) {
+    const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 max8 = neg_inf;
+    for (int64_t j = 0; j < n; j += 8) {
+      const __m256 live = _mm256_castsi256_ps(
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n - j)), lane));
+      const __m256 x = _mm256_blendv_ps(neg_inf, Dot8(q_d, k_jd + j * stride, stride, p.D), live);
+      _mm256_storeu_ps(s_j + j, x);
+      max8 = _mm256_max_ps(max8, x);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, max8);
+    *m = std::max(*m, *std::max_element(lanes, lanes + 8));
+    __m256 sum8 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {
+      const __m256 x = _mm256_loadu_ps(s_j + j);
+      const __m256 e = _mm256_and_ps(Exp(_mm256_sub_ps(x, _mm256_set1_ps(*m))),
+                                     _mm256_cmp_ps(x, neg_inf, _CMP_NEQ_OQ));
+      _mm256_storeu_ps(s_j + j, e);
+      sum8 = _mm256_add_ps(sum8, e);
+    }
+    _mm256_store_ps(lanes, sum8);
+    float sum = 0.f;
+    for (float x : lanes) sum += x;
+    return sum;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    s_j[j] = Dot(q_d, k_jd + j * stride, p.D);
+    *m = std::max(*m, s_j[j]);
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    s_j[j] = std::exp(s_j[j] - *m);
+    sum += s_j[j];
+  }
+  return sum;
+}
+
+// acc_d <- alpha * acc_d + sum_j s_j v_j over keys [0, n).
+void PageValues(const Problem& p, const float* v_jd, const float* s_j, int64_t n, float alpha,
+                float* acc_d) {
+  const int64_t stride = p.K * p.D;
+  int64_t d0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; d0 + 64 <= p.D; d0 += 64) {  // 8 accumulators in registers across the page
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) {
+      acc[i] = _mm256_mul_ps(_mm256_set1_ps(alpha), _mm256_loadu_ps(acc_d + d0 + 8 * i));
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 w = _mm256_set1_ps(s_j[j]);
+      const float* v_d = v_jd + j * stride + d0;
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v_d + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(acc_d + d0 + 8 * i, acc[i]);
+  }
+#endif
+  for (int64_t d = d0; d < p.D; ++d) {
+    float a = alpha * acc_d[d];
+    for (int64_t j = 0; j < n; ++j) a += s_j[j] * v_jd[j * stride + d];
+    acc_d[d] = a;
+  }
+}
+
+void RunItem(const Problem& p, const Item& item) {
+  const int64_t D = p.D, H = p.H, P = p.P;
+  const int64_t rows = (item.t1 - item.t0) * H;  // row r: token t0 + r / H, head r % H
+  std::vector<float> q_rd(rows * D), acc_rd(rows * D, 0.f);
+  std::vector<float> m_r(rows, -std::numeric_limits<float>::infinity()), l_r(rows, 0.f);
+  std::vector<int64_t> seen_r(rows);
+  int64_t max_seen = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = item.t0 + r / H;
+    seen_r[r] = Seen(p, item.b, t);
+    max_seen = std::max(max_seen, seen_r[r]);
+    const float* q_d = p.q + (t * H + r % H) * D;
+    for (int64_t d = 0; d < D; ++d) q_rd[r * D + d] = q_d[d] * p.sm_scale;
+  }
+  const int32_t* table = p.block_tables + item.b * p.M;
+  float s_j[kMaxPage + 8] = {};
+  for (int64_t page = 0; page * P < max_seen; ++page) {
+    const int64_t block = std::clamp<int64_t>(table[page], 0, p.N - 1);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = std::min(P, seen_r[r] - page * P);
+      if (n <= 0) continue;
+      const int64_t offset = (block * P * p.K + (r % H) / p.G) * D;  // key 0 of r's kv head
+      float m_new = m_r[r];
+      const float sum = PageSoftmax(p, &q_rd[r * D], p.k_pages + offset, n, &m_new, s_j);
+      const float alpha = std::exp(m_r[r] - m_new);  // 0 before the first key
+      PageValues(p, p.v_pages + offset, s_j, n, alpha, &acc_rd[r * D]);
+      l_r[r] = alpha * l_r[r] + sum;
+      m_r[r] = m_new;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o_d = p.out + ((item.t0 + r / H) * H + r % H) * D;
+    const float inv = l_r[r] > 0.f ? 1.f / l_r[r] : 0.f;
+    for (int64_t d = 0; d < D; ++d) o_d[d] = acc_rd[r * D + d] * inv;
+  }
+}
+
+std::vector<Item> MakeItems(const Problem& p) {
+  std::vector<Item> items;
+  const int64_t end = std::clamp<int64_t>(p.cu_q_lens[p.B], 0, p.T);
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t lo = std::clamp<int64_t>(p.cu_q_lens[b], 0, end);
+    const int64_t hi = std::clamp<int64_t>(p.cu_q_lens[b + 1], lo, end);
+    for (int64_t t0 = lo; t0 < hi; t0 += kTileTokens) {
+      const int64_t t1 = std::min(hi, t0 + kTileTokens);
+      const int64_t cost = (t1 - t0) * (Seen(p, b, t1 - 1) + 1);
+      items.push_back({b, t0, t1, cost});
+    }
+  }
+  // Largest first, so that the dynamic share-out ends with small items.
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  return items;
+}
+
+// Items claimed one at a time by the caller and by helpers on the pool. The caller waits
+// only for helpers that have started; one that starts after the caller returned finds no
+// item left, and touches nothing but this (shared, owned) state.
+struct ShareOut {
+  ShareOut(const Problem& problem, std::vector<Item> items)
+      : problem(problem), items(std::move(items)) {}
+
+  void Work() {
+    for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
+      RunItem(problem, items[i]);
+    }
+  }
+
+  const Problem problem;
+  const std::vector<Item> items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> active{0};
+};
+
+ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pages,
+                                ffi::Buffer<ffi::S32> block_tables,
+                                ffi::Buffer<ffi::S32> context_lens,
+                                ffi::Buffer<ffi::S32> cu_q_lens, float sm_scale,
+                                ffi::ResultBuffer<ffi::F32> out) {
+  const auto q_dims = q.dimensions();
+  const auto kv_dims = k_pages.dimensions();
+  const auto bt_dims = block_tables.dimensions();
+  if (q_dims.size() != 3 || kv_dims.size() != 4 || bt_dims.size() != 2) {
+    return ffi::Error::InvalidArgument("ragged paged attention: bad ranks");
+  }
+  Problem p{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(),
+            block_tables.typed_data(), context_lens.typed_data(), cu_q_lens.typed_data(),
+            out->typed_data(), sm_scale,
+            q_dims[0], q_dims[1], q_dims[2], kv_dims[0], kv_dims[1], kv_dims[2],
+            0, bt_dims[0], bt_dims[1]};
+  const bool shapes_fit =
+      p.K > 0 && p.H % p.K == 0 && kv_dims[3] == p.D && p.P <= kMaxPage &&
+      v_pages.element_count() == k_pages.element_count() &&
+      static_cast<int64_t>(context_lens.element_count()) == p.B &&
+      static_cast<int64_t>(cu_q_lens.element_count()) == p.B + 1 &&
+      out->element_count() == q.element_count();
+  if (!shapes_fit) return ffi::Error::InvalidArgument("ragged paged attention: bad shapes");
+  p.G = p.H / p.K;
+  std::memset(p.out, 0, sizeof(float) * p.T * p.H * p.D);
+  if (p.B == 0 || p.M == 0 || p.N == 0 || p.T == 0) return ffi::Error::Success();
+  auto share = std::make_shared<ShareOut>(p, MakeItems(p));
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(share->items.size()) - 1);
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([share] {
+      share->active.fetch_add(1);
+      share->Work();
+      share->active.fetch_sub(1);
+    });
+  }
+  share->Work();
+  while (share->active.load() != 0) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LigerjaxRaggedPagedAttentionF32, RaggedPagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
