@@ -116,12 +116,13 @@ def _choose(
         return kernel(*args, interpret=False)
     if impl == "interpret":
         return kernel(*args, interpret=True)
-    if not kernel_ok:
-        return fallback_fn(*args)
-    gpu = functools.partial(kernel, interpret=False)
-    branches = dict.fromkeys(GPU_PLATFORMS, gpu)
+    branches: dict[str, Callable[..., jax.Array]] = {}
+    if kernel_ok:
+        branches.update(dict.fromkeys(GPU_PLATFORMS, functools.partial(kernel, interpret=False)))
     if native is not None and native_available():
         branches["cpu"] = native
+    if not branches:
+        return fallback_fn(*args)
     return lax.platform_dependent(*args, default=fallback_fn, **branches)
 
 

@@ -85,6 +85,7 @@ class NativeBuild:
         if path.exists():
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        log.info("ligerjax: compiling the C++ CPU attention kernel (once) into %s", path)
         with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
             out = Path(tmp) / path.name
             cmd = [self.compiler, *self.flags, "-I", jax.ffi.include_dir(), str(self.source)]
