@@ -9,10 +9,10 @@ is ``jax.nn.dot_product_attention(implementation="xla")``, which materialises th
 logits; it is not run where its temp memory would exceed ``--max-peer-gib`` (its memory is
 still reported).
 
-CPU paged (always): SmolLM2's attention shape (9 query / 3 KV heads, D=64, 16-token f32
-pages, block tables shuffled over the pool) in the engine's steps: ``--cpu-decode-seqs``
-decodes at contexts drawn from [150, 500], and a mixed step (a 480-token prefill chunk plus
-32 decodes). The C++ kernel against the pure-JAX fallback, both through
+CPU paged (always): SmolLM2's attention shape (9 query / 3 KV heads, D=64, 16-token pages of
+each ``--cpu-page-dtypes``, block tables shuffled over the pool) in the engine's steps:
+``--cpu-decode-seqs`` decodes at contexts drawn from [150, 500], and a mixed step (a 480-token
+prefill chunk plus 32 decodes). The C++ kernel against the pure-JAX fallback, both through
 ``dispatch.ragged_paged_attention``: best-of-``--repeats`` ms, the speedup, GB/s of K/V read
 and the error against the float32 reference. Skipped where the C++ kernel is unavailable.
 
@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cpu-decode-seqs", default="16,64", help="CPU paged: sequences per decode step"
+    )
+    parser.add_argument(
+        "--cpu-page-dtypes", default="float32,bfloat16", help="CPU paged: K/V page dtypes"
     )
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
@@ -163,36 +167,42 @@ class CpuPagedProblem:
     args: tuple[jax.Array, ...]  # q [T, H, D], pages [N, P, K, D] x2, tables, lens, cu_q_lens
 
     @staticmethod
-    def make(name: str, q_lens: Sequence[int], contexts: Sequence[int]) -> CpuPagedProblem:
+    def make(
+        name: str, q_lens: Sequence[int], contexts: Sequence[int], dtype: str = "float32"
+    ) -> CpuPagedProblem:
         H, K, D, P = 9, 3, 64, 16
         rng = np.random.default_rng(len(q_lens) + sum(contexts))
         M = -(-max(contexts) // P)
         tables = (1 + rng.permutation(len(q_lens) * M)).reshape(-1, M).astype(np.int32)
         pages = (1 + tables.size, P, K, D)
         cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-        normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
-        args = (normal(int(cu[-1]), H, D), normal(*pages), normal(*pages))
+        normal = lambda *shape, dt=jnp.float32: jnp.asarray(rng.standard_normal(shape), dt)  # noqa: E731
+        args = (normal(int(cu[-1]), H, D), normal(*pages, dt=dtype), normal(*pages, dt=dtype))
         return CpuPagedProblem(
             name, (*args, jnp.asarray(tables), jnp.asarray(contexts, jnp.int32), jnp.asarray(cu))
         )
 
     @property
-    def bytes_read(self) -> int:  # K and V of every context, f32
+    def bytes_read(self) -> int:  # K and V of every context
         _, k_pages, _, _, lens, _ = self.args
-        return 2 * int(jnp.sum(lens)) * k_pages.shape[2] * k_pages.shape[3] * 4
+        K, D = k_pages.shape[2:]
+        return 2 * int(jnp.sum(lens)) * K * D * k_pages.dtype.itemsize
 
     def run(self, impl: str) -> Callable[[], jax.Array]:
         fn = jax.jit(lambda *a: dispatch.ragged_paged_attention(*a, impl=impl))
         return lambda: fn(*self.args)
 
 
-def _cpu_paged_lines(name: str, seqs: int, args: argparse.Namespace) -> list[str]:
+def _cpu_paged_lines(
+    name: str, seqs: int, args: argparse.Namespace, dtype: str = "float32"
+) -> list[str]:
     rng = np.random.default_rng(seqs)
     if name == "mixed":
         contexts = [480, *rng.integers(150, 400, seqs).tolist()]
-        problem = CpuPagedProblem.make("mixed", [480] + [1] * seqs, contexts)
+        problem = CpuPagedProblem.make("mixed", [480] + [1] * seqs, contexts, dtype)
     else:
-        problem = CpuPagedProblem.make("decode", [1] * seqs, rng.integers(150, 500, seqs).tolist())
+        contexts = rng.integers(150, 500, seqs).tolist()
+        problem = CpuPagedProblem.make("decode", [1] * seqs, contexts, dtype)
     ref = problem.run("reference")()
     err = _rel_err(problem.run("native")(), ref)
     native_s = _best_seconds(problem.run("native"), args.repeats)
@@ -200,7 +210,7 @@ def _cpu_paged_lines(name: str, seqs: int, args: argparse.Namespace) -> list[str
     T = problem.args[0].shape[0]
     return [
         f"bench=attention impl=native-paged step={problem.name} T={T} B={seqs + (name == 'mixed')} "
-        f"H=9 K=3 D=64 P=16 dtype=float32 native_ms={1e3 * native_s:.2f} "
+        f"H=9 K=3 D=64 P=16 dtype={dtype} native_ms={1e3 * native_s:.2f} "
         f"fallback_ms={1e3 * fallback_s:.2f} speedup={fallback_s / native_s:.2f} "
         f"native_gb_s={problem.bytes_read / native_s / 1e9:.1f} err_vs_f32={err:.1e}"
     ]
@@ -469,12 +479,13 @@ GPU_SETTINGS: dict[str, Callable[[int, int, argparse.Namespace], list[str]]] = {
 
 
 def run(args: argparse.Namespace) -> int:
-    settings: list[tuple[str, Sequence[int]]] = []
+    settings: list[tuple[str, tuple[Any, ...]]] = []
     if not args.skip_cpu:
         settings += [("cpu", (S,)) for S in _ints(args.seqs)]
         if native_available():
-            settings += [("cpu-paged", (0, B)) for B in _ints(args.cpu_decode_seqs)]
-            settings += [("cpu-paged", (1, 32))]
+            for dtype in filter(None, args.cpu_page_dtypes.split(",")):
+                settings += [("cpu-paged", (0, B, dtype)) for B in _ints(args.cpu_decode_seqs)]
+                settings += [("cpu-paged", (1, 32, dtype))]
     gpu = bool(_gpu_devices()) and not args.skip_gpu
     if gpu:
         settings += [("flash", (S, D)) for D in (64, 128) for S in _ints(args.gpu_seqs)]
@@ -489,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
         if kind == "cpu":
             lines = [_cpu_setting(params[0], args, cpu).line(args)]
         elif kind == "cpu-paged":
-            lines = _cpu_paged_lines(("decode", "mixed")[params[0]], params[1], args)
+            lines = _cpu_paged_lines(("decode", "mixed")[params[0]], params[1], args, params[2])
         else:
             lines = GPU_SETTINGS[kind](params[0], params[1], args)
         for line in lines:

@@ -3,7 +3,7 @@
 ``impl`` picks the implementation:
 
 * ``"auto"`` (default): the Pallas Triton kernel when the program is lowered for a GPU; on the
-  CPU, paged attention over float32 pages runs the C++ kernel
+  CPU, paged attention (float32, float16 or bfloat16 pages) runs the C++ kernel
   (:mod:`ligerjax.kernels.native_attention`) where it could be built, everything else the
   pure-JAX blockwise fallback. The choice is made at lowering time with
   ``lax.platform_dependent``, so one traced program serves both, and a deviceless GPU compile
@@ -104,8 +104,9 @@ def _choose(
     if impl == "native":
         if native is None:
             raise ValueError(
-                "impl='native': the C++ kernel runs paged attention over float32 pages of at "
-                f"most {MAX_PAGE_SIZE} tokens; got K/V {args[1].dtype}{list(args[1].shape)}"
+                "impl='native': the C++ kernel runs paged attention over float32, float16 or "
+                f"bfloat16 pages of at most {MAX_PAGE_SIZE} tokens; got K/V "
+                f"{args[1].dtype}{list(args[1].shape)}"
             )
         return native(*args)
     if impl == "fallback":

@@ -36,8 +36,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "native" / "ragged_paged_attention.cc"
-SYMBOL = "LigerjaxRaggedPagedAttentionF32"
-TARGET = "ligerjax_cpu_ragged_paged_attention_f32"
+SYMBOL = "LigerjaxRaggedPagedAttention"
+TARGET = "ligerjax_cpu_ragged_paged_attention"
+PAGE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 MAX_PAGE_SIZE = 256  # kMaxPage in the source
 DISABLE_ENV = "LIGERJAX_NATIVE"
@@ -142,14 +143,15 @@ def native_available() -> bool:
 
 
 def native_supported(kv_dtype: jnp.dtype, page_size: int) -> bool:
-    """Whether the kernel takes these pages: float32 K/V, pages of at most 256 tokens."""
-    return jnp.dtype(kv_dtype) == jnp.float32 and page_size <= MAX_PAGE_SIZE
+    """Whether the kernel takes these pages: float32, float16 or bfloat16 K/V, pages of at
+    most 256 tokens."""
+    return jnp.dtype(kv_dtype) in PAGE_DTYPES and page_size <= MAX_PAGE_SIZE
 
 
 def native_ragged_paged_attention(
     q: jax.Array,  # [T, H, D]
-    k_pages: jax.Array,  # [N, P, K, D] float32
-    v_pages: jax.Array,  # [N, P, K, D] float32
+    k_pages: jax.Array,  # [N, P, K, D] float32, float16 or bfloat16
+    v_pages: jax.Array,  # [N, P, K, D] the same dtype
     block_tables: jax.Array,  # [B, M] int32
     context_lens: jax.Array,  # [B] int32, new tokens included
     cu_q_lens: jax.Array,  # [B + 1] int32
@@ -158,17 +160,19 @@ def native_ragged_paged_attention(
 ) -> jax.Array:  # [T, H, D], q's dtype
     """:func:`ligerjax.kernels.ragged_paged_attention`'s contract, run by the C++ kernel.
 
-    Needs :func:`native_available`; computes in float32.
+    Needs :func:`native_available`; computes in float32 (16-bit pages are converted exactly
+    as they are read).
     """
     reason = native_unavailable_reason()
     if reason is not None:
         raise RuntimeError(
             f"native_ragged_paged_attention: the C++ kernel is unavailable: {reason}"
         )
-    if not native_supported(k_pages.dtype, k_pages.shape[1]):
+    if not native_supported(k_pages.dtype, k_pages.shape[1]) or v_pages.dtype != k_pages.dtype:
         raise ValueError(
-            f"native_ragged_paged_attention: pages {k_pages.dtype} of {k_pages.shape[1]} tokens; "
-            f"the kernel takes float32 pages of at most {MAX_PAGE_SIZE}"
+            f"native_ragged_paged_attention: k_pages {k_pages.dtype}{list(k_pages.shape)}, "
+            f"v_pages {v_pages.dtype}; the kernel takes pages of one dtype (float32, float16 or "
+            f"bfloat16) and at most {MAX_PAGE_SIZE} tokens"
         )
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential"
@@ -188,8 +192,8 @@ def native_ragged_paged_attention(
 
 def native_paged_attention(
     q: jax.Array,  # [B, H, D]
-    k_pages: jax.Array,  # [N, P, K, D] float32
-    v_pages: jax.Array,  # [N, P, K, D] float32
+    k_pages: jax.Array,  # [N, P, K, D] float32, float16 or bfloat16
+    v_pages: jax.Array,  # [N, P, K, D] the same dtype
     block_tables: jax.Array,  # [B, M] int32
     context_lens: jax.Array,  # [B] int32
     *,

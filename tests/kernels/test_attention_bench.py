@@ -35,16 +35,16 @@ def test_cpu_paged_lines_time_the_cpp_kernel_against_the_fallback():
     args = _bench_args("--repeats", "1")
     lines = [
         *attention._cpu_paged_lines("decode", 4, args),
-        *attention._cpu_paged_lines("mixed", 2, args),
+        *attention._cpu_paged_lines("mixed", 2, args, "bfloat16"),
     ]
     fields = [dict(kv.split("=", 1) for kv in x.split()) for x in lines]
-    assert [(f["impl"], f["step"], f["T"], f["B"]) for f in fields] == [
-        ("native-paged", "decode", "4", "4"),
-        ("native-paged", "mixed", "482", "3"),
+    assert [(f["impl"], f["step"], f["T"], f["B"], f["dtype"]) for f in fields] == [
+        ("native-paged", "decode", "4", "4", "float32"),
+        ("native-paged", "mixed", "482", "3", "bfloat16"),
     ]
     for f in fields:
         assert float(f["native_ms"]) > 0 and float(f["fallback_ms"]) > 0
-        assert float(f["err_vs_f32"]) < 1e-5
+        assert float(f["err_vs_f32"]) < 1e-5  # the reference reads the same pages
 
 
 def test_gpu_settings_print_their_lines_on_any_backend():

@@ -1,10 +1,11 @@
 """The C++ CPU kernel (XLA FFI): exact against the references on every code path (vector and
-scalar page sizes and head dims, GQA groups, tiles of prefill chunks, empty and padding
-rows), a token's output independent of the rest of the step, chosen by "auto" on the CPU for
-float32 pages only, and clear reasons where it cannot be built."""
+scalar page sizes and head dims, float32/float16/bfloat16 pages, GQA groups, tiles of prefill
+chunks, empty and padding rows, a build without AVX2), a token's output independent of the
+rest of the step, chosen by "auto" on the CPU, and clear reasons where it cannot be built."""
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import jax
@@ -34,7 +35,7 @@ def rel_err(out, ref) -> float:
     return float(np.max(np.abs(out - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
 
 
-def ragged_args(rng, mix, *, P, K, G, D, pad=3):
+def ragged_args(rng, mix, *, P, K, G, D, pad=3, dtype=jnp.float32):
     M = max(-(-ctx // P) for _, ctx in mix)
     B, N = len(mix), len(mix) * M + 1
     tables = np.zeros((B, M), np.int32)
@@ -43,25 +44,27 @@ def ragged_args(rng, mix, *, P, K, G, D, pad=3):
         tables[b, : -(-ctx // P)] = pool[b * M : b * M + -(-ctx // P)]
     cu = np.concatenate([[0], np.cumsum([n for n, _ in mix])]).astype(np.int32)
     T = int(cu[-1]) + pad
-    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    normal = lambda *shape, dt=jnp.float32: jnp.asarray(rng.standard_normal(shape), dt)  # noqa: E731
     return (
         normal(T, K * G, D),
-        normal(N, P, K, D),
-        normal(N, P, K, D),
+        normal(N, P, K, D, dt=dtype),
+        normal(N, P, K, D, dt=dtype),
         jnp.asarray(tables),
         jnp.asarray([c for _, c in mix], jnp.int32),
         jnp.asarray(cu),
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16], ids=str)
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize(
     ("page", "head_dim"),
     [(16, 64), (8, 128), (4, 16), (6, 20)],
     ids=["vector-P16-D64", "vector-P8-D128", "scalar-page", "scalar-both"],
 )
-def test_ragged_is_exact_on_every_path(rng, group, page, head_dim):
-    args = ragged_args(rng, MIX, P=page, K=2 if group < 8 else 1, G=group, D=head_dim)
+def test_ragged_is_exact_on_every_path(rng, dtype, group, page, head_dim):
+    K = 2 if group < 8 else 1
+    args = ragged_args(rng, MIX, P=page, K=K, G=group, D=head_dim, dtype=dtype)
     out = jax.jit(native_ragged_paged_attention, static_argnames="sm_scale")(*args, sm_scale=0.3)
     ref = ragged_paged_attention_reference(*args, sm_scale=0.3)
     assert out.shape == ref.shape and out.dtype == jnp.float32
@@ -101,26 +104,31 @@ def _lowered(fn, args, platform: str) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-def test_auto_runs_it_on_the_cpu_for_float32_pages_only(rng):
+def test_auto_runs_it_on_the_cpu(rng):
     args = ragged_args(rng, MIX, P=16, K=2, G=3, D=64)
     assert native.TARGET in _lowered(dispatch.ragged_paged_attention, args, "cpu")
     assert native.TARGET not in _lowered(dispatch.ragged_paged_attention, args, "cuda")
     decode = (args[0][:6], *args[1:5])
     assert native.TARGET in _lowered(dispatch.paged_decode_attention, decode, "cpu")
     bf16 = (args[0], args[1].astype(jnp.bfloat16), args[2].astype(jnp.bfloat16), *args[3:])
-    assert native.TARGET not in _lowered(dispatch.ragged_paged_attention, bf16, "cpu")
+    assert native.TARGET in _lowered(dispatch.ragged_paged_attention, bf16, "cpu")
+    big_pages = ragged_args(rng, MIX, P=512, K=2, G=3, D=16)
+    assert native.TARGET not in _lowered(dispatch.ragged_paged_attention, big_pages, "cpu")
     out = dispatch.ragged_paged_attention(*args, sm_scale=0.3)
     ref = dispatch.ragged_paged_attention(*args, sm_scale=0.3, impl="fallback")
     assert rel_err(out, ref) < 1e-5
 
 
 def test_native_impl_refuses_what_it_does_not_take(rng):
+    big_pages = ragged_args(rng, MIX, P=512, K=2, G=3, D=16)
+    with pytest.raises(ValueError, match=r"impl='native'.*float32\[\d+, 512, 2, 16\]"):
+        dispatch.ragged_paged_attention(*big_pages, impl="native")
+    with pytest.raises(ValueError, match=r"k_pages float32\[\d+, 512, 2, 16\], v_pages float32"):
+        native_ragged_paged_attention(*big_pages, sm_scale=1.0)
     args = ragged_args(rng, MIX, P=16, K=2, G=3, D=64)
-    bf16 = (args[0], args[1].astype(jnp.bfloat16), args[2].astype(jnp.bfloat16), *args[3:])
-    with pytest.raises(ValueError, match=r"impl='native'.*bfloat16\[\d+, 16, 2, 64\]"):
-        dispatch.ragged_paged_attention(*bf16, impl="native")
-    with pytest.raises(ValueError, match=r"float32 pages of at most 256"):
-        native_ragged_paged_attention(*bf16, sm_scale=1.0)
+    mixed = (args[0], args[1], args[2].astype(jnp.float16), *args[3:])
+    with pytest.raises(ValueError, match="v_pages float16; the kernel takes pages of one dtype"):
+        native_ragged_paged_attention(*mixed, sm_scale=1.0)
     q = jnp.zeros((1, 4, 2, 16), jnp.float32)
     kv = jnp.zeros((1, 4, 2, 16), jnp.float32)
     with pytest.raises(ValueError, match="impl='native'"):
@@ -162,3 +170,16 @@ def test_the_library_is_built_once_per_source_and_reused(tmp_path):
     other = tmp_path / "copy.cc"
     other.write_text(Path(native.SOURCE).read_text() + "\n// changed\n")
     assert NativeBuild(compiler="c++", cache_dir=tmp_path, source=other).library_path() != path
+
+
+def test_the_portable_build_without_avx2_is_exact_too(rng, tmp_path):
+    flags = tuple(f for f in native.FLAGS if f != "-march=native")
+    library = ctypes.CDLL(str(NativeBuild("c++", tmp_path, flags=flags).build()))
+    target = "ligerjax_test_portable_ragged_paged_attention"
+    handler = jax.ffi.pycapsule(library.LigerjaxRaggedPagedAttention)
+    jax.ffi.register_ffi_target(target, handler, platform="cpu")
+    for dtype in (jnp.float32, jnp.float16, jnp.bfloat16):
+        args = ragged_args(rng, MIX, P=16, K=3, G=3, D=64, dtype=dtype)
+        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(args[0].shape, jnp.float32))
+        out = call(*args, sm_scale=np.float32(0.3))
+        assert rel_err(out, ragged_paged_attention_reference(*args, sm_scale=0.3)) < 1e-5, dtype

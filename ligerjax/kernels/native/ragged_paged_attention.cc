@@ -1,4 +1,5 @@
-// Ragged paged attention for the CPU, an XLA FFI custom call (float32).
+// Ragged paged attention for the CPU, an XLA FFI custom call: float32 queries and output,
+// float32, float16 or bfloat16 pages (converted exactly to float32 as they are read).
 //
 // Packed query tokens of several sequences (chunked prefill and decode in one call) attend
 // to their own sequence's keys, read in place from the pages through the block table: no
@@ -27,6 +28,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -38,10 +40,39 @@ namespace {
 constexpr int64_t kTileTokens = 16;
 constexpr int64_t kMaxPage = 256;
 
+// Page elements: float, or 16-bit floats kept as their bits.
+struct F16 {
+  uint16_t bits;
+};
+struct BF16 {
+  uint16_t bits;
+};
+
+float ToFloat(float x) { return x; }
+float ToFloat(BF16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+float ToFloat(F16 x) {
+  const uint32_t sign = (x.bits & 0x8000u) << 16, exp = (x.bits >> 10) & 0x1fu;
+  const uint32_t mant = x.bits & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24
+    const float f = std::ldexp(static_cast<float>(mant), -24);
+    return sign ? -f : f;
+  }
+  const uint32_t bits = sign | (exp == 31 ? 0x7f800000u : (exp + 112) << 23) | (mant << 13);
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename Elem>
 struct Problem {
   const float* q;
-  const float* k_pages;
-  const float* v_pages;
+  const Elem* k_pages;
+  const Elem* v_pages;
   const int32_t* block_tables;
   const int32_t* context_lens;
   const int32_t* cu_q_lens;
@@ -75,13 +106,31 @@ __m256 Exp(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+__m256 Load8(const float* x) { return _mm256_loadu_ps(x); }
+__m256 Load8(const BF16* x) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+#if defined(__F16C__)
+__m256 Load8(const F16* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+#else
+__m256 Load8(const F16* x) {
+  alignas(32) float f[8];
+  for (int i = 0; i < 8; ++i) f[i] = ToFloat(x[i]);
+  return _mm256_load_ps(f);
+}
+#endif
+
 // The 8 dot products of q_d with the 8 keys at k_jd, k_jd + stride, ...: lane j is key j.
-__m256 Dot8(const float* q_d, const float* k_jd, int64_t stride, int64_t D) {
+template <typename Elem>
+__m256 Dot8(const float* q_d, const Elem* k_jd, int64_t stride, int64_t D) {
   __m256 a[8];
   for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
     const __m256 q = _mm256_loadu_ps(q_d + d);
-    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(q, _mm256_loadu_ps(k_jd + j * stride + d), a[j]);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(q, Load8(k_jd + j * stride + d), a[j]);
   }
   const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
   const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
@@ -90,18 +139,21 @@ __m256 Dot8(const float* q_d, const float* k_jd, int64_t stride, int64_t D) {
 }
 #endif
 
-float Dot(const float* a, const float* b, int64_t d) {
+template <typename Elem>
+float Dot(const float* a, const Elem* b, int64_t d) {
   float s = 0.f;
-  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < d; ++i) s += a[i] * ToFloat(b[i]);
   return s;
 }
 
-int64_t SeqLen(const Problem& p, int64_t b) {
+template <typename Elem>
+int64_t SeqLen(const Problem<Elem>& p, int64_t b) {
   return std::clamp<int64_t>(p.context_lens[b], 0, p.M * p.P);
 }
 
 // Keys the token t of sequence b sees: positions [0, Seen).
-int64_t Seen(const Problem& p, int64_t b, int64_t t) {
+template <typename Elem>
+int64_t Seen(const Problem<Elem>& p, int64_t b, int64_t t) {
   const int64_t q_len = p.cu_q_lens[b + 1] - p.cu_q_lens[b];
   const int64_t pos = p.context_lens[b] - q_len + (t - p.cu_q_lens[b]);
   return std::clamp<int64_t>(pos + 1, 0, SeqLen(p, b));
@@ -110,7 +162,8 @@ int64_t Seen(const Problem& p, int64_t b, int64_t t) {
 // One row against keys [0, n) of a page: s_j <- exp(logit_j - m_new) with m_new the running
 // max after this page (returned in *m); returns sum_j s_j. Vector path: lanes past n are
 // masked out, so a page's keys are read in whole vectors of 8 (the page holds them).
-float PageSoftmax(const Problem& p, const float* q_d, const float* k_jd, int64_t n, float* m,
+template <typename Elem>
+float PageSoftmax(const Problem<Elem>& p, const float* q_d, const Elem* k_jd, int64_t n, float* m,
                   float* s_j) {
   const int64_t stride = p.K * p.D;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -155,7 +208,8 @@ float PageSoftmax(const Problem& p, const float* q_d, const float* k_jd, int64_t
 }
 
 // acc_d <- alpha * acc_d + sum_j s_j v_j over keys [0, n).
-void PageValues(const Problem& p, const float* v_jd, const float* s_j, int64_t n, float alpha,
+template <typename Elem>
+void PageValues(const Problem<Elem>& p, const Elem* v_jd, const float* s_j, int64_t n, float alpha,
                 float* acc_d) {
   const int64_t stride = p.K * p.D;
   int64_t d0 = 0;
@@ -167,20 +221,21 @@ void PageValues(const Problem& p, const float* v_jd, const float* s_j, int64_t n
     }
     for (int64_t j = 0; j < n; ++j) {
       const __m256 w = _mm256_set1_ps(s_j[j]);
-      const float* v_d = v_jd + j * stride + d0;
-      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v_d + 8 * i), acc[i]);
+      const Elem* v_d = v_jd + j * stride + d0;
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, Load8(v_d + 8 * i), acc[i]);
     }
     for (int i = 0; i < 8; ++i) _mm256_storeu_ps(acc_d + d0 + 8 * i, acc[i]);
   }
 #endif
   for (int64_t d = d0; d < p.D; ++d) {
     float a = alpha * acc_d[d];
-    for (int64_t j = 0; j < n; ++j) a += s_j[j] * v_jd[j * stride + d];
+    for (int64_t j = 0; j < n; ++j) a += s_j[j] * ToFloat(v_jd[j * stride + d]);
     acc_d[d] = a;
   }
 }
 
-void RunItem(const Problem& p, const Item& item) {
+template <typename Elem>
+void RunItem(const Problem<Elem>& p, const Item& item) {
   const int64_t D = p.D, H = p.H, P = p.P;
   const int64_t rows = (item.t1 - item.t0) * H;  // row r: token t0 + r / H, head r % H
   std::vector<float> q_rd(rows * D), acc_rd(rows * D, 0.f);
@@ -217,7 +272,8 @@ void RunItem(const Problem& p, const Item& item) {
   }
 }
 
-std::vector<Item> MakeItems(const Problem& p) {
+template <typename Elem>
+std::vector<Item> MakeItems(const Problem<Elem>& p) {
   std::vector<Item> items;
   const int64_t end = std::clamp<int64_t>(p.cu_q_lens[p.B], 0, p.T);
   for (int64_t b = 0; b < p.B; ++b) {
@@ -238,8 +294,9 @@ std::vector<Item> MakeItems(const Problem& p) {
 // Items claimed one at a time by the caller and by helpers on the pool. The caller waits
 // only for helpers that have started; one that starts after the caller returned finds no
 // item left, and touches nothing but this (shared, owned) state.
+template <typename Elem>
 struct ShareOut {
-  ShareOut(const Problem& problem, std::vector<Item> items)
+  ShareOut(const Problem<Elem>& problem, std::vector<Item> items)
       : problem(problem), items(std::move(items)) {}
 
   void Work() {
@@ -248,40 +305,15 @@ struct ShareOut {
     }
   }
 
-  const Problem problem;
+  const Problem<Elem> problem;
   const std::vector<Item> items;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> active{0};
 };
 
-ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                                ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pages,
-                                ffi::Buffer<ffi::S32> block_tables,
-                                ffi::Buffer<ffi::S32> context_lens,
-                                ffi::Buffer<ffi::S32> cu_q_lens, float sm_scale,
-                                ffi::ResultBuffer<ffi::F32> out) {
-  const auto q_dims = q.dimensions();
-  const auto kv_dims = k_pages.dimensions();
-  const auto bt_dims = block_tables.dimensions();
-  if (q_dims.size() != 3 || kv_dims.size() != 4 || bt_dims.size() != 2) {
-    return ffi::Error::InvalidArgument("ragged paged attention: bad ranks");
-  }
-  Problem p{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(),
-            block_tables.typed_data(), context_lens.typed_data(), cu_q_lens.typed_data(),
-            out->typed_data(), sm_scale,
-            q_dims[0], q_dims[1], q_dims[2], kv_dims[0], kv_dims[1], kv_dims[2],
-            0, bt_dims[0], bt_dims[1]};
-  const bool shapes_fit =
-      p.K > 0 && p.H % p.K == 0 && kv_dims[3] == p.D && p.P <= kMaxPage &&
-      v_pages.element_count() == k_pages.element_count() &&
-      static_cast<int64_t>(context_lens.element_count()) == p.B &&
-      static_cast<int64_t>(cu_q_lens.element_count()) == p.B + 1 &&
-      out->element_count() == q.element_count();
-  if (!shapes_fit) return ffi::Error::InvalidArgument("ragged paged attention: bad shapes");
-  p.G = p.H / p.K;
-  std::memset(p.out, 0, sizeof(float) * p.T * p.H * p.D);
-  if (p.B == 0 || p.M == 0 || p.N == 0 || p.T == 0) return ffi::Error::Success();
-  auto share = std::make_shared<ShareOut>(p, MakeItems(p));
+template <typename Elem>
+void Run(ffi::ThreadPool& pool, const Problem<Elem>& p) {
+  auto share = std::make_shared<ShareOut<Elem>>(p, MakeItems(p));
   const int64_t helpers =
       std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(share->items.size()) - 1);
   for (int64_t i = 0; i < helpers; ++i) {
@@ -293,17 +325,66 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   }
   share->Work();
   while (share->active.load() != 0) std::this_thread::yield();
-  return ffi::Error::Success();
+}
+
+ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages,
+                                ffi::Buffer<ffi::S32> block_tables,
+                                ffi::Buffer<ffi::S32> context_lens,
+                                ffi::Buffer<ffi::S32> cu_q_lens, float sm_scale,
+                                ffi::ResultBuffer<ffi::F32> out) {
+  const auto q_dims = q.dimensions();
+  const auto kv_dims = k_pages.dimensions();
+  const auto bt_dims = block_tables.dimensions();
+  if (q_dims.size() != 3 || kv_dims.size() != 4 || bt_dims.size() != 2) {
+    return ffi::Error::InvalidArgument("ragged paged attention: bad ranks");
+  }
+  Problem<float> p{q.typed_data(), nullptr, nullptr,
+                   block_tables.typed_data(), context_lens.typed_data(), cu_q_lens.typed_data(),
+                   out->typed_data(), sm_scale,
+                   q_dims[0], q_dims[1], q_dims[2], kv_dims[0], kv_dims[1], kv_dims[2],
+                   0, bt_dims[0], bt_dims[1]};
+  const bool shapes_fit =
+      p.K > 0 && p.H % p.K == 0 && kv_dims[3] == p.D && p.P <= kMaxPage &&
+      v_pages.element_type() == k_pages.element_type() &&
+      v_pages.element_count() == k_pages.element_count() &&
+      static_cast<int64_t>(context_lens.element_count()) == p.B &&
+      static_cast<int64_t>(cu_q_lens.element_count()) == p.B + 1 &&
+      out->element_count() == q.element_count();
+  if (!shapes_fit) return ffi::Error::InvalidArgument("ragged paged attention: bad shapes");
+  p.G = p.H / p.K;
+  std::memset(p.out, 0, sizeof(float) * p.T * p.H * p.D);
+  if (p.B == 0 || p.M == 0 || p.N == 0 || p.T == 0) return ffi::Error::Success();
+  // The same problem over pages of element type T.
+  auto with_pages = [&](auto* tag) {
+    using Elem = std::remove_pointer_t<decltype(tag)>;
+    Problem<Elem> typed{p.q, static_cast<const Elem*>(k_pages.untyped_data()),
+                     static_cast<const Elem*>(v_pages.untyped_data()), p.block_tables,
+                     p.context_lens, p.cu_q_lens, p.out, p.sm_scale, p.T, p.H, p.D, p.N, p.P,
+                     p.K, p.G, p.B, p.M};
+    Run(pool, typed);
+    return ffi::Error::Success();
+  };
+  switch (k_pages.element_type()) {
+    case ffi::DataType::F32:
+      return with_pages(static_cast<float*>(nullptr));
+    case ffi::DataType::F16:
+      return with_pages(static_cast<F16*>(nullptr));
+    case ffi::DataType::BF16:
+      return with_pages(static_cast<BF16*>(nullptr));
+    default:
+      return ffi::Error::InvalidArgument("ragged paged attention: pages must be f32, f16 or bf16");
+  }
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LigerjaxRaggedPagedAttentionF32, RaggedPagedAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LigerjaxRaggedPagedAttention, RaggedPagedAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
