@@ -8,8 +8,8 @@ length. Output tokens/s = requested output tokens / wall time. TTFT counts from 
 included); TPOT = (last token - first token) / (outputs - 1), per request; p50/p99 over
 requests.
 
-* ligerjax: ``LLM`` (continuous batching, paged KV, chunked prefill), f32, after compiling
-  every step bucket.
+* ligerjax: ``LLM`` (continuous batching, paged KV, chunked prefill), f32 weights, a KV cache
+  of ``--kv-cache-dtype`` (default: the model's f32), after compiling every step bucket.
 * Transformers: ``generate`` on static batches of ``--hf-batch-size`` requests in arrival
   order (left padding); a batch runs until its longest request is done, so only each
   request's own tokens count. Same f32 weights (the GGUF dequantised), ``--threads`` threads.
@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument(
+        "--kv-cache-dtype", default=None, help="ligerjax's KV cache dtype (default: the model's)"
+    )
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -101,6 +104,7 @@ def run_ligerjax(args: argparse.Namespace, workload: Workload) -> Result:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=longest + 1,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     llm.llm_engine.runner.warm_up()
     params = [
@@ -238,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
         f"bench=throughput model={args.model} reqs={len(workload.prompts)} "
         f"ligerjax_tok_s={ours_tok_s:.1f}"
     )
+    if args.kv_cache_dtype:
+        line += f" kv_cache_dtype={args.kv_cache_dtype}"
     latencies = [ours.fields("")]
     if not args.skip_transformers:
         hf = run_transformers(args, workload)
