@@ -33,6 +33,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -56,13 +60,14 @@ float ToFloat(BF16 x) {
   return f;
 }
 float ToFloat(F16 x) {
-  const uint32_t sign = (x.bits & 0x8000u) << 16, exp = (x.bits >> 10) & 0x1fu;
+  const uint32_t sign = (x.bits & 0x8000u) << 16, exponent = (x.bits >> 10) & 0x1fu;
   const uint32_t mant = x.bits & 0x3ffu;
-  if (exp == 0) {  // zero or subnormal: mant * 2^-24
+  if (exponent == 0) {  // zero or subnormal: mant * 2^-24
     const float f = std::ldexp(static_cast<float>(mant), -24);
     return sign ? -f : f;
   }
-  const uint32_t bits = sign | (exp == 31 ? 0x7f800000u : (exp + 112) << 23) | (mant << 13);
+  const uint32_t bits =
+      sign | (exponent == 31 ? 0x7f800000u : (exponent + 112) << 23) | (mant << 13);
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
@@ -86,7 +91,6 @@ struct Item {
 };
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 // exp(x) for x <= 0 (logits minus their running max), ~2 ulp: 2^n * p(r), |r| <= ln2 / 2.
 __m256 Exp(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
