@@ -161,7 +161,7 @@ def _cpu_setting(S: int, args: argparse.Namespace, device: jax.Device) -> CpuRes
 
 @dataclass(frozen=True)
 class CpuPagedProblem:
-    """One engine step over f32 pages in SmolLM2's shape (see the module doc)."""
+    """One engine step over paged K/V in SmolLM2's shape (see the module doc)."""
 
     name: str
     args: tuple[jax.Array, ...]  # q [T, H, D], pages [N, P, K, D] x2, tables, lens, cu_q_lens
@@ -203,13 +203,13 @@ def _cpu_paged_lines(
     else:
         contexts = rng.integers(150, 500, seqs).tolist()
         problem = CpuPagedProblem.make("decode", [1] * seqs, contexts, dtype)
-    ref = problem.run("reference")()
-    err = _rel_err(problem.run("native")(), ref)
-    native_s = _best_seconds(problem.run("native"), args.repeats)
+    native = problem.run("native")
+    err = _rel_err(native(), problem.run("reference")())
+    native_s = _best_seconds(native, args.repeats)
     fallback_s = _best_seconds(problem.run("fallback"), args.repeats)
     T = problem.args[0].shape[0]
     return [
-        f"bench=attention impl=native-paged step={problem.name} T={T} B={seqs + (name == 'mixed')} "
+        f"bench=attention impl=native-paged step={problem.name} T={T} B={len(contexts)} "
         f"H=9 K=3 D=64 P=16 dtype={dtype} native_ms={1e3 * native_s:.2f} "
         f"fallback_ms={1e3 * fallback_s:.2f} speedup={fallback_s / native_s:.2f} "
         f"native_gb_s={problem.bytes_read / native_s / 1e9:.1f} err_vs_f32={err:.1e}"
@@ -484,8 +484,9 @@ def run(args: argparse.Namespace) -> int:
         settings += [("cpu", (S,)) for S in _ints(args.seqs)]
         if native_available():
             for dtype in filter(None, args.cpu_page_dtypes.split(",")):
-                settings += [("cpu-paged", (0, B, dtype)) for B in _ints(args.cpu_decode_seqs)]
-                settings += [("cpu-paged", (1, 32, dtype))]
+                B_list = _ints(args.cpu_decode_seqs)
+                settings += [("cpu-paged", ("decode", B, dtype)) for B in B_list]
+                settings += [("cpu-paged", ("mixed", 32, dtype))]
     gpu = bool(_gpu_devices()) and not args.skip_gpu
     if gpu:
         settings += [("flash", (S, D)) for D in (64, 128) for S in _ints(args.gpu_seqs)]
@@ -500,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
         if kind == "cpu":
             lines = [_cpu_setting(params[0], args, cpu).line(args)]
         elif kind == "cpu-paged":
-            lines = _cpu_paged_lines(("decode", "mixed")[params[0]], params[1], args, params[2])
+            lines = _cpu_paged_lines(params[0], params[1], args, params[2])
         else:
             lines = GPU_SETTINGS[kind](params[0], params[1], args)
         for line in lines:

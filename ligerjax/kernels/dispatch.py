@@ -7,9 +7,9 @@
   (:mod:`ligerjax.kernels.native_attention`) where it could be built, everything else the
   pure-JAX blockwise fallback. The choice is made at lowering time with
   ``lax.platform_dependent``, so one traced program serves both, and a deviceless GPU compile
-  from a CPU host gets the real kernels. Shapes the kernels do not take (head dims above 256;
-  for paged attention, page sizes or head dims that are not powers of two) use the fallback
-  everywhere.
+  from a CPU host gets the real kernels. Shapes the Pallas kernels do not take (head dims
+  above 256; for paged attention, page sizes or head dims that are not powers of two) use
+  the CPU's implementation on GPUs too.
 * ``"pallas"``: the Pallas kernel compiled for the GPU; ``"interpret"``: the Pallas kernel in
   interpret mode (any backend; slow, for tests); ``"native"``: the C++ CPU kernel (paged
   attention only); ``"fallback"``: the blockwise pure-JAX version; ``"reference"``: the dense

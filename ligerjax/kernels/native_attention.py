@@ -3,7 +3,8 @@
 XLA:CPU runs the pure-JAX fallback as gathers of each sequence's pages followed by many small
 batched dots (~10 GFLOP/s). ``native/ragged_paged_attention.cc`` reads the pages in place
 through the block table, with AVX2 logits and exponentials and XLA's own intra-op thread
-pool, so decode runs at the memory's speed (docs/BENCHMARKS.md, "attention on the CPU").
+pool: 2.5–11× the fallback per layer, decode bound by memory (docs/BENCHMARKS.md,
+"CPU paged attention").
 One kernel serves mixed steps (chunked prefill and decode) and plain decode (one query token
 per sequence).
 
