@@ -73,17 +73,21 @@ float ToFloat(F16 x) {
   return f;
 }
 
-template <typename Elem>
-struct Problem {
+// Everything but the pages, whose element type varies.
+struct Geometry {
   const float* q;
-  const Elem* k_pages;
-  const Elem* v_pages;
   const int32_t* block_tables;
   const int32_t* context_lens;
   const int32_t* cu_q_lens;
   float* out;
   float sm_scale;
   int64_t T, H, D, N, P, K, G, B, M;
+};
+
+template <typename Elem>
+struct Problem : Geometry {
+  const Elem* k_pages;
+  const Elem* v_pages;
 };
 
 struct Item {
@@ -150,14 +154,12 @@ float Dot(const float* a, const Elem* b, int64_t d) {
   return s;
 }
 
-template <typename Elem>
-int64_t SeqLen(const Problem<Elem>& p, int64_t b) {
+int64_t SeqLen(const Geometry& p, int64_t b) {
   return std::clamp<int64_t>(p.context_lens[b], 0, p.M * p.P);
 }
 
 // Keys the token t of sequence b sees: positions [0, Seen).
-template <typename Elem>
-int64_t Seen(const Problem<Elem>& p, int64_t b, int64_t t) {
+int64_t Seen(const Geometry& p, int64_t b, int64_t t) {
   const int64_t q_len = p.cu_q_lens[b + 1] - p.cu_q_lens[b];
   const int64_t pos = p.context_lens[b] - q_len + (t - p.cu_q_lens[b]);
   return std::clamp<int64_t>(pos + 1, 0, SeqLen(p, b));
@@ -276,8 +278,7 @@ void RunItem(const Problem<Elem>& p, const Item& item) {
   }
 }
 
-template <typename Elem>
-std::vector<Item> MakeItems(const Problem<Elem>& p) {
+std::vector<Item> MakeItems(const Geometry& p) {
   std::vector<Item> items;
   const int64_t end = std::clamp<int64_t>(p.cu_q_lens[p.B], 0, p.T);
   for (int64_t b = 0; b < p.B; ++b) {
@@ -343,11 +344,10 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (q_dims.size() != 3 || kv_dims.size() != 4 || bt_dims.size() != 2) {
     return ffi::Error::InvalidArgument("ragged paged attention: bad ranks");
   }
-  Problem<float> p{q.typed_data(), nullptr, nullptr,
-                   block_tables.typed_data(), context_lens.typed_data(), cu_q_lens.typed_data(),
-                   out->typed_data(), sm_scale,
-                   q_dims[0], q_dims[1], q_dims[2], kv_dims[0], kv_dims[1], kv_dims[2],
-                   0, bt_dims[0], bt_dims[1]};
+  Geometry p{q.typed_data(), block_tables.typed_data(), context_lens.typed_data(),
+             cu_q_lens.typed_data(), out->typed_data(), sm_scale,
+             q_dims[0], q_dims[1], q_dims[2], kv_dims[0], kv_dims[1], kv_dims[2],
+             0, bt_dims[0], bt_dims[1]};
   const bool shapes_fit =
       p.K > 0 && p.H % p.K == 0 && kv_dims[3] == p.D && p.P <= kMaxPage &&
       v_pages.element_type() == k_pages.element_type() &&
@@ -359,14 +359,11 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.G = p.H / p.K;
   std::memset(p.out, 0, sizeof(float) * p.T * p.H * p.D);
   if (p.B == 0 || p.M == 0 || p.N == 0 || p.T == 0) return ffi::Error::Success();
-  // The same problem over pages of element type T.
+  // The geometry with the pages, read as elements of type Elem.
   auto with_pages = [&](auto* tag) {
     using Elem = std::remove_pointer_t<decltype(tag)>;
-    Problem<Elem> typed{p.q, static_cast<const Elem*>(k_pages.untyped_data()),
-                     static_cast<const Elem*>(v_pages.untyped_data()), p.block_tables,
-                     p.context_lens, p.cu_q_lens, p.out, p.sm_scale, p.T, p.H, p.D, p.N, p.P,
-                     p.K, p.G, p.B, p.M};
-    Run(pool, typed);
+    Run(pool, Problem<Elem>{p, static_cast<const Elem*>(k_pages.untyped_data()),
+                            static_cast<const Elem*>(v_pages.untyped_data())});
     return ffi::Error::Success();
   };
   switch (k_pages.element_type()) {
