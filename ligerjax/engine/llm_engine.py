@@ -53,6 +53,7 @@ class ModelShape(Protocol):
     vocab_size: int
     dtype: str
     eos_token_ids: tuple[int, ...]
+    tie_word_embeddings: bool  # the LM head is the embedding's ``attend``
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class LLMEngine:
             vocab_size=model_config.vocab_size,
             dtype=model_config.dtype,
             eos_token_ids=self.eos_token_ids,
+            tied_head=model_config.tie_word_embeddings,
         )
         self._rng = np.random.default_rng(seed)
         self._groups: dict[str, _Group] = {}

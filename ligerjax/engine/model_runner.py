@@ -8,7 +8,8 @@ tokens packed into one row, then the sampler. The packed row is padded to a toke
 and every other shape follows from that bucket (sequence rows: ``min(T, max_num_seqs)``
 rounded up; block tables: ``max_model_len / block_size`` wide), so a handful of programs
 serve every step and a steady decode never recompiles. Weights are jit arguments, the
-pages are donated.
+pages are donated. On the CPU the runner keeps its own copy of the float32 linear weights
+packed for the C++ matmul (:mod:`ligerjax.engine.weight_packing`), made once at load.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from ligerjax.engine.paged_kv_cache import PagedKVCache
 from ligerjax.engine.sampler import SamplerOutput, SamplingRow, make_batch, sample
 from ligerjax.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from ligerjax.engine.static_runner import CausalLM
+from ligerjax.engine.weight_packing import pack_weights
+from ligerjax.kernels.native_matmul import matmul_unavailable_reason
 from ligerjax.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,9 @@ class ModelRunnerConfig:
     num_host_blocks: int = 0
     min_token_bucket: int = 1  # smallest token bucket
     kv_dtype: str | None = None  # default: the model's dtype
+    # float32 linears (and a tied head) packed for the C++ matmul (weight_packing); None:
+    # where that kernel runs, i.e. on the CPU backend once built
+    packed_weights: bool | None = None
 
     def __post_init__(self) -> None:
         for name, minimum in (
@@ -141,6 +147,7 @@ class ModelRunner:
         vocab_size: int,
         dtype: str = "float32",
         eos_token_ids: Sequence[int] = (),
+        tied_head: bool = False,
     ) -> None:
         self.config = config
         self.vocab_size = vocab_size
@@ -148,6 +155,13 @@ class ModelRunner:
         self.spec = KVCacheSpec(
             num_layers, config.block_size, num_kv_heads, head_dim, config.kv_dtype or dtype
         )
+        self.packed_weights = (
+            config.packed_weights
+            if config.packed_weights is not None
+            else jax.default_backend() == "cpu" and matmul_unavailable_reason() is None
+        )
+        if self.packed_weights:
+            model = pack_weights(model, tied_head=tied_head)
         self.graphdef, state = nnx.split(model)
         self.weights = jax.tree.leaves(state)
         self._treedef = jax.tree.structure(state)

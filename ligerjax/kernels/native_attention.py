@@ -8,45 +8,28 @@ pool: 2.5–11× the fallback per layer, decode bound by memory (docs/BENCHMARKS
 One kernel serves mixed steps (chunked prefill and decode) and plain decode (one query token
 per sequence).
 
-The source is compiled with the host's C++ compiler (``$CXX``, else ``c++``) for this CPU
-(``-march=native``) into ``$LIGERJAX_CACHE_DIR`` (default ``~/.cache/ligerjax``) under a name
-that hashes the source, flags, compiler, jaxlib and the CPU's features, then registered with
-XLA for the CPU platform. ``LIGERJAX_NATIVE=0`` turns it off. Where it cannot be built,
+Built and loaded by :mod:`ligerjax.kernels.native_library` (the host's C++ compiler, cached,
+``LIGERJAX_NATIVE=0`` to turn it off). Where it cannot be built,
 :func:`native_unavailable_reason` says why (logged once) and dispatch keeps the fallback.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
-log = logging.getLogger(__name__)
+from ligerjax.kernels.native_library import SOURCE_DIR, kernel_unavailable_reason
 
-SOURCE = Path(__file__).parent / "native" / "ragged_paged_attention.cc"
+SOURCE = SOURCE_DIR / "ragged_paged_attention.cc"
 SYMBOL = "LigerjaxRaggedPagedAttention"
 TARGET = "ligerjax_cpu_ragged_paged_attention"
 PAGE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 MAX_PAGE_SIZE = 256  # kMaxPage in the source
-DISABLE_ENV = "LIGERJAX_NATIVE"
-CACHE_ENV = "LIGERJAX_CACHE_DIR"
 
 __all__ = [
-    "NativeBuild",
     "native_available",
     "native_paged_attention",
     "native_ragged_paged_attention",
@@ -55,87 +38,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class NativeBuild:
-    """How the kernel's shared library is compiled, and where it is kept."""
-
-    compiler: str
-    cache_dir: Path
-    flags: tuple[str, ...] = FLAGS
-    source: Path = SOURCE
-
-    @classmethod
-    def from_environment(cls) -> NativeBuild:
-        cache = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ligerjax"
-        return cls(compiler=os.environ.get("CXX") or "c++", cache_dir=Path(cache) / "native")
-
-    def library_path(self) -> Path:
-        """The library's path in the cache: one per source, flags, compiler, jaxlib and CPU."""
-        version = subprocess.run(
-            [self.compiler, "--version"], capture_output=True, text=True, check=True
-        ).stdout.splitlines()[0]
-        key = "\n".join(
-            [self.source.read_text(), " ".join(self.flags), version, jaxlib.__version__, _cpu()]
-        )
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return self.cache_dir / f"ragged_paged_attention-{digest}.so"
-
-    def build(self) -> Path:
-        """The library, compiled unless the cache holds it (atomically: concurrent builders
-        each write a temporary file and rename it)."""
-        path = self.library_path()
-        if path.exists():
-            return path
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        log.info("ligerjax: compiling the C++ CPU attention kernel (once) into %s", path)
-        with tempfile.TemporaryDirectory(dir=self.cache_dir) as tmp:
-            out = Path(tmp) / path.name
-            cmd = [self.compiler, *self.flags, "-I", jax.ffi.include_dir(), str(self.source)]
-            done = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-            os.replace(out, path)
-        return path
-
-
-def _cpu() -> str:
-    """The CPU's feature flags (what -march=native compiles for)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-@functools.cache
 def native_unavailable_reason() -> str | None:
-    """None once the kernel is built, loaded and registered for the CPU; else why not.
-
-    Runs once per process (XLA's custom-call registry is process-wide).
-    """
-    reason = _load()
-    if reason is not None:
-        log.warning("ligerjax: C++ CPU attention unavailable (%s); using the XLA fallback", reason)
-    return reason
-
-
-def _load() -> str | None:
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return f"{DISABLE_ENV}=0"
-    if os.name != "posix":
-        return f"no build for os.name={os.name!r}"
-    build = NativeBuild.from_environment()
-    if shutil.which(build.compiler) is None:
-        return f"no C++ compiler {build.compiler!r} (set CXX)"
-    try:
-        library = ctypes.CDLL(str(build.build()))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
-        return str(err)
-    handler = jax.ffi.pycapsule(getattr(library, SYMBOL))
-    jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
-    return None
+    """None once the kernel is built, loaded and registered for the CPU; else why not (logged
+    once per process)."""
+    return kernel_unavailable_reason(SOURCE, SYMBOL, TARGET, "attention")
 
 
 def native_available() -> bool:

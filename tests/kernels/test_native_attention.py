@@ -15,11 +15,8 @@ import pytest
 
 from ligerjax.kernels import dispatch, paged_attention_reference, ragged_paged_attention_reference
 from ligerjax.kernels import native_attention as native
-from ligerjax.kernels.native_attention import (
-    NativeBuild,
-    native_paged_attention,
-    native_ragged_paged_attention,
-)
+from ligerjax.kernels.native_attention import native_paged_attention, native_ragged_paged_attention
+from ligerjax.kernels.native_library import FLAGS, NativeBuild, load_kernel
 
 pytestmark = pytest.mark.skipif(
     not native.native_available(), reason=f"{native.native_unavailable_reason()}"
@@ -146,35 +143,36 @@ def test_native_impl_refuses_what_it_does_not_take(rng):
 
 def test_unavailable_reasons_name_what_to_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("LIGERJAX_NATIVE", "0")
-    assert native._load() == "LIGERJAX_NATIVE=0"
+    assert load_kernel(native.SOURCE, native.SYMBOL, native.TARGET) == "LIGERJAX_NATIVE=0"
     monkeypatch.delenv("LIGERJAX_NATIVE")
     monkeypatch.setenv("CXX", "no-such-compiler-here")
-    assert native._load() == "no C++ compiler 'no-such-compiler-here' (set CXX)"
+    reason = load_kernel(native.SOURCE, native.SYMBOL, native.TARGET)
+    assert reason == "no C++ compiler 'no-such-compiler-here' (set CXX)"
 
 
 def test_a_failing_build_reports_the_compiler_error(tmp_path):
     broken = tmp_path / "broken.cc"
     broken.write_text("int main( {\n")
-    build = NativeBuild(compiler="c++", cache_dir=tmp_path / "cache", source=broken)
+    build = NativeBuild(broken, compiler="c++", cache_dir=tmp_path / "cache")
     with pytest.raises(RuntimeError, match=r"broken\.cc"):
         build.build()
     assert not list((tmp_path / "cache").glob("*.so"))
 
 
 def test_the_library_is_built_once_per_source_and_reused(tmp_path):
-    build = NativeBuild(compiler="c++", cache_dir=tmp_path)
+    build = NativeBuild(native.SOURCE, compiler="c++", cache_dir=tmp_path)
     path = build.build()
     assert path.exists() and path.parent == tmp_path
     stamp = path.stat().st_mtime_ns
     assert build.build() == path and path.stat().st_mtime_ns == stamp
     other = tmp_path / "copy.cc"
     other.write_text(Path(native.SOURCE).read_text() + "\n// changed\n")
-    assert NativeBuild(compiler="c++", cache_dir=tmp_path, source=other).library_path() != path
+    assert NativeBuild(other, compiler="c++", cache_dir=tmp_path).library_path() != path
 
 
 def test_the_portable_build_without_avx2_is_exact_too(rng, tmp_path):
-    flags = tuple(f for f in native.FLAGS if f != "-march=native")
-    library = ctypes.CDLL(str(NativeBuild("c++", tmp_path, flags=flags).build()))
+    flags = tuple(f for f in FLAGS if f != "-march=native")
+    library = ctypes.CDLL(str(NativeBuild(native.SOURCE, "c++", tmp_path, flags=flags).build()))
     target = "ligerjax_test_portable_ragged_paged_attention"
     handler = jax.ffi.pycapsule(library.LigerjaxRaggedPagedAttention)
     jax.ffi.register_ffi_target(target, handler, platform="cpu")

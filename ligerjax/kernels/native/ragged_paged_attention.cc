@@ -13,24 +13,22 @@
 // Work items are (sequence, tile of up to kTileTokens query tokens); each item runs the
 // online softmax one page at a time for all its (token, head) rows, so a page of keys is
 // read from memory once per tile. With AVX2 and FMA, logits come 8 keys at a time and the
-// exponentials from a vector polynomial; otherwise plain loops. Items are shared out dynamically over XLA's intra-op thread
-// pool. Every row goes through the same code in the same key order whatever the batch,
+// exponentials from a vector polynomial; otherwise plain loops. Items are shared out over
+// XLA's intra-op thread pool (share_out.h), largest first. Every row goes through the same code in the same key order whatever the batch,
 // tile or thread, so a token's output does not depend on what else is in the step.
 //
 // Layouts: q, out [T, H, D]; k_pages, v_pages [N, P, K, D]; block_tables [B, M];
 // context_lens [B]; cu_q_lens [B + 1]; H = K * G, query head h reads kv head h / G.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "share_out.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -296,41 +294,13 @@ std::vector<Item> MakeItems(const Geometry& p) {
   return items;
 }
 
-// Items claimed one at a time by the caller and by helpers on the pool. The caller waits
-// only for helpers that have started; one that starts after the caller returned finds no
-// item left, and touches nothing but this (shared, owned) state.
 template <typename Elem>
-struct ShareOut {
-  ShareOut(const Problem<Elem>& problem, std::vector<Item> items)
-      : problem(problem), items(std::move(items)) {}
+struct ItemTask {
+  Problem<Elem> p;
+  std::vector<Item> items;
 
-  void Work() {
-    for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
-      RunItem(problem, items[i]);
-    }
-  }
-
-  const Problem<Elem> problem;
-  const std::vector<Item> items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> active{0};
+  void Run(int64_t i) const { RunItem(p, items[i]); }
 };
-
-template <typename Elem>
-void Run(ffi::ThreadPool& pool, const Problem<Elem>& p) {
-  auto share = std::make_shared<ShareOut<Elem>>(p, MakeItems(p));
-  const int64_t helpers =
-      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(share->items.size()) - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([share] {
-      share->active.fetch_add(1);
-      share->Work();
-      share->active.fetch_sub(1);
-    });
-  }
-  share->Work();
-  while (share->active.load() != 0) std::this_thread::yield();
-}
 
 ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                 ffi::AnyBuffer k_pages, ffi::AnyBuffer v_pages,
@@ -362,8 +332,11 @@ ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   // The geometry with the pages, read as elements of type Elem.
   auto with_pages = [&](auto* tag) {
     using Elem = std::remove_pointer_t<decltype(tag)>;
-    Run(pool, Problem<Elem>{p, static_cast<const Elem*>(k_pages.untyped_data()),
-                            static_cast<const Elem*>(v_pages.untyped_data())});
+    const Problem<Elem> typed{p, static_cast<const Elem*>(k_pages.untyped_data()),
+                              static_cast<const Elem*>(v_pages.untyped_data())};
+    std::vector<Item> items = MakeItems(typed);
+    const int64_t count = static_cast<int64_t>(items.size());
+    ligerjax::ShareOut(pool, count, ItemTask<Elem>{typed, std::move(items)});
     return ffi::Error::Success();
   };
   switch (k_pages.element_type()) {
