@@ -89,6 +89,13 @@ class ModelRunnerConfig:
             b *= 2
         return (*buckets, top)
 
+    def sample_bucket(self, num_rows: int, num_seqs_padded: int) -> int:
+        """Sampler rows for ``num_rows`` samples of a step with ``num_seqs_padded`` sequence
+        rows: a power of two, or the step's rows when they are fewer and still enough (then
+        the step's logits are sampled as they are, without a gather)."""
+        R = _pow2(num_rows)
+        return num_seqs_padded if num_rows <= num_seqs_padded < R else R
+
     def seq_bucket(self, num_tokens_padded: int) -> int:
         """Sequence rows of a step padded to ``num_tokens_padded`` tokens (a sequence has
         at least one token, so ``T`` rows always suffice)."""
@@ -197,11 +204,13 @@ class ModelRunner:
 
     def warm_up(self, buckets: Sequence[int] | None = None) -> None:
         """Compile the step for ``buckets`` (default: every token bucket) on dummy inputs,
-        and the greedy sampler for every row count up to ``max_num_seqs``."""
+        and the greedy sampler for every row bucket up to ``max_num_seqs``."""
         for T in buckets or self.config.token_buckets():
             jax.block_until_ready(self._run_step(self._empty_batch(T)))
         row = SamplingRow(SamplingParams(temperature=0.0), 0, (), ())
-        for R in (1 << i for i in range(_pow2(self.config.max_num_seqs).bit_length())):
+        pow2 = (1 << i for i in range(_pow2(self.config.max_num_seqs).bit_length()))
+        seqs = (self.config.seq_bucket(T) for T in self.config.token_buckets())
+        for R in sorted(set(pow2) | set(seqs)):
             batch, flags = make_batch([row] * R, self.vocab_size, R)
             logits_rv = jnp.zeros((R, self.vocab_size), jnp.float32)
             jax.block_until_ready(sample(logits_rv, batch, flags=flags))
@@ -283,11 +292,11 @@ class ModelRunner:
                 ids.append(sid)
         if not rows:
             return ModelRunnerOutput({})
-        R = _pow2(len(rows))
+        R = self.config.sample_bucket(len(rows), logits_bv.shape[0])
         batch, flags = make_batch(rows, self.vocab_size, R)
         src_r = np.zeros(R, np.int32)
         src_r[: len(src)] = src
-        picked_rv = logits_bv if _is_identity(src, R, logits_bv.shape[0]) else logits_bv[src_r]
+        picked_rv = _pick_rows(logits_bv, src, src_r)
         result: SamplerOutput = jax.device_get(sample(picked_rv, batch, flags=flags))
         n = len(ids)
         tokens = result.token_b[:n].tolist()
@@ -320,5 +329,12 @@ class ModelRunner:
         return SamplingRow(sp, seed, s.prompt_token_ids, outputs, suppress)
 
 
-def _is_identity(src: list[int], R: int, B: int) -> bool:
-    return R == B and src == list(range(len(src)))
+def _pick_rows(logits_bv: jax.Array, src: list[int], src_r: np.ndarray) -> jax.Array:  # [R, V]
+    """The sampled rows' logits: row r is ``logits_bv[src_r[r]]`` for r < len(src). When the
+    sampled rows are the first ones in order, a prefix of ``logits_bv`` serves (the padding
+    rows then hold other rows' logits, and their samples are dropped) and no [R, V] gather
+    is made."""
+    R, B = len(src_r), logits_bv.shape[0]
+    if R <= B and src == list(range(len(src))):
+        return logits_bv if R == B else logits_bv[:R]
+    return logits_bv[src_r]

@@ -2,7 +2,8 @@
 
 The host builds a :class:`SamplingBatch` (plain numpy arrays, one row per sequence) from the
 requests' :class:`~ligerjax.SamplingParams`; :func:`sample` runs on device. Which filters
-run is a static property of the batch, so a batch of greedy requests never pays for a sort.
+run is a static property of the batch, so a batch of greedy requests never pays for a sort
+(and, on the CPU, runs as one C++ pass: :mod:`ligerjax.kernels.native_sampling`).
 Every row draws from its own key, ``fold_in(key(seed), step)``, so a request's tokens do
 not depend on what else is in the batch.
 """
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ligerjax.kernels.native_sampling import greedy_sample
 from ligerjax.sampling_params import SamplingParams
 
 
@@ -157,6 +159,10 @@ def _filter_top_k_top_p(logits_bv: jax.Array, s: SamplingBatch) -> jax.Array:
 def sample(logits_bv: jax.Array, s: SamplingBatch, *, flags: SamplingFlags) -> SamplerOutput:
     """One token per row. ``logits_bv``: [B, V] f32 raw model logits."""
     B = logits_bv.shape[0]
+    if not (flags.random or flags.penalties or flags.suppress or flags.logprobs):
+        token_b, logprob_b = greedy_sample(logits_bv)
+        no_top = jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
+        return SamplerOutput(token_b, logprob_b, *no_top)
     raw_bv = logits_bv
     # log p = (logit - max) - log Σ exp(logit - max), log_softmax's arithmetic, evaluated only
     # at the tokens returned: no [B, V] log-softmax to write and read back.
