@@ -121,9 +121,7 @@ def test_step_attends_through_the_named_paged_attention_op():
     runner = make_runner()
     batch = runner.build_batch([scheduled("a", [1, 2, 3], 0, [1])])
     jaxpr = jax.make_jaxpr(
-        lambda w, kv, b: model_runner._step(
-            w, kv, b, graphdef=runner.graphdef, treedef=runner._treedef
-        )
+        lambda w, kv, b: model_runner._step(w, kv, b, structure=runner._structure)
     )(runner.weights, runner.kv_pages, batch)
     names = [str(e.params.get("name")) for e in _all_eqns(jaxpr.jaxpr)]
     assert names.count(ops.RAGGED_PAGED_ATTENTION_NAME) == CFG.num_layers
