@@ -26,9 +26,7 @@ namespace {
 
 #if defined(__AVX2__) && defined(__FMA__)
 using ligerjax::Exp;
-#endif
 
-#if defined(__AVX2__) && defined(__FMA__)
 float Max(const float* x, int64_t V, int64_t* nan_at) {
   __m256 m0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
   __m256 unordered = _mm256_setzero_ps();
