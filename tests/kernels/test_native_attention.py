@@ -170,6 +170,17 @@ def test_the_library_is_built_once_per_source_and_reused(tmp_path):
     assert NativeBuild(other, compiler="c++", cache_dir=tmp_path).library_path() != path
 
 
+def test_a_changed_header_beside_the_source_rebuilds(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in native.SOURCE.parent.iterdir():
+        (src / f.name).write_text(f.read_text())
+    build = NativeBuild(src / native.SOURCE.name, compiler="c++", cache_dir=tmp_path / "cache")
+    before = build.library_path()
+    (src / "share_out.h").write_text((src / "share_out.h").read_text() + "\n// changed\n")
+    assert build.library_path() != before
+
+
 def test_the_portable_build_without_avx2_is_exact_too(rng, tmp_path):
     flags = tuple(f for f in FLAGS if f != "-march=native")
     library = ctypes.CDLL(str(NativeBuild(native.SOURCE, "c++", tmp_path, flags=flags).build()))
