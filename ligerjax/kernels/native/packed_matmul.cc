@@ -37,7 +37,7 @@ constexpr int64_t kDepth = 256;  // k rows of a panel per block
 struct Problem {
   const float* w_pkc;  // [P, K, 16]
   float* out;          // [M, N]
-  int64_t M, K, N, P;
+  int64_t M, K, N;
 };
 
 // acc[r, c] (+)= sum_{k < depth} x_kr[k, r] * w_kc[k, c] for r < R, all 16 columns; the tile
@@ -146,7 +146,7 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::Success();
   }
   ligerjax::ShareOut(pool, P,
-                     PanelTask{{w.typed_data(), out->typed_data(), M, K, N, P},
+                     PanelTask{{w.typed_data(), out->typed_data(), M, K, N},
                                PackRows(x.typed_data(), M, K)});
   return ffi::Error::Success();
 }
