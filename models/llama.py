@@ -38,18 +38,27 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> j
     return jnp.where(is_medium, blended, scaled)
 
 
-def apply_rope(
-    x_bthd: jax.Array,  # [B, T, H, D]
+def rope_angles(
     positions_bt: jax.Array,  # [B, T] int32
     inv_freq: jax.Array,  # [D/2]
+) -> tuple[jax.Array, jax.Array]:  # cos, sin: [B, T, 1, D/2]
+    """Cosines and sines of every token's rotary angles, computed once a call for all layers."""
+    angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+    # The barrier keeps the tables as values: without it XLA fuses cos and sin into every
+    # layer's rotation again.
+    cos_btf, sin_btf = jax.lax.optimization_barrier((jnp.cos(angles_btf), jnp.sin(angles_btf)))
+    return cos_btf[:, :, None, :], sin_btf[:, :, None, :]
+
+
+def apply_rope(
+    x_bthd: jax.Array,  # [B, T, H, D]
+    cos_bt1f: jax.Array,  # [B, T, 1, D/2]
+    sin_bt1f: jax.Array,  # [B, T, 1, D/2]
 ) -> jax.Array:  # [B, T, H, D]
     """Rotate-half RoPE (Hugging Face layout: first and second halves of D pair up)."""
-    angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
-    cos = jnp.cos(angles_btf)[:, :, None, :]
-    sin = jnp.sin(angles_btf)[:, :, None, :]
     x = x_bthd.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = jnp.concatenate([x1 * cos_bt1f - x2 * sin_bt1f, x2 * cos_bt1f + x1 * sin_bt1f], axis=-1)
     return out.astype(x_bthd.dtype)
 
 
@@ -91,13 +100,13 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg.hidden_size, cfg.kv_size, cfg, rngs)
         self.o_proj = _linear(cfg.q_size, cfg.hidden_size, cfg, rngs)
 
-    def __call__(self, x_bte, positions_bt, inv_freq, cache: KVCache, layer: int):
+    def __call__(self, x_bte, positions_bt, rope, cache: KVCache, layer: int):
         B, T, _ = x_bte.shape
         q_bthd = self.q_proj(x_bte).reshape(B, T, self.num_heads, self.head_dim)
         k_btkd = self.k_proj(x_bte).reshape(B, T, self.num_kv_heads, self.head_dim)
         v_btkd = self.v_proj(x_bte).reshape(B, T, self.num_kv_heads, self.head_dim)
-        q_bthd = apply_rope(q_bthd, positions_bt, inv_freq)
-        k_btkd = apply_rope(k_btkd, positions_bt, inv_freq)
+        q_bthd = apply_rope(q_bthd, *rope)
+        k_btkd = apply_rope(k_btkd, *rope)
         o_bthd, cache = cache.attend(layer, q_bthd, k_btkd, v_btkd, positions_bt)
         return self.o_proj(o_bthd.reshape(B, T, -1)), cache
 
@@ -122,10 +131,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_bte, positions_bt, inv_freq, cache: KVCache, layer: int):
-        h_bte, cache = self.self_attn(
-            self.input_layernorm(x_bte), positions_bt, inv_freq, cache, layer
-        )
+    def __call__(self, x_bte, positions_bt, rope, cache: KVCache, layer: int):
+        h_bte, cache = self.self_attn(self.input_layernorm(x_bte), positions_bt, rope, cache, layer)
         x_bte = x_bte + h_bte
         x_bte = x_bte + self.mlp(self.post_attention_layernorm(x_bte))
         return x_bte, cache
@@ -168,9 +175,10 @@ class Llama(nnx.Module):
         inv_freq = rope_inv_freq(
             self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
         )
+        rope = rope_angles(positions_bt, inv_freq)
         x_bte = self.embed_tokens(tokens_bt)
         for i, layer in enumerate(self.layers):
-            x_bte, cache = layer(x_bte, positions_bt, inv_freq, cache, i)
+            x_bte, cache = layer(x_bte, positions_bt, rope, cache, i)
         return self.norm(x_bte), cache
 
     def logits(self, h_bte: jax.Array) -> jax.Array:  # [..., V] f32
