@@ -31,7 +31,7 @@ from ligerjax.engine.paged_kv_cache import PagedKVCache
 from ligerjax.engine.sampler import SamplerOutput, SamplingRow, make_batch, sample
 from ligerjax.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from ligerjax.engine.static_runner import CausalLM
-from ligerjax.engine.weight_packing import pack_weights
+from ligerjax.engine.weight_packing import pack_weights, set_live_rows
 from ligerjax.kernels.native_matmul import matmul_unavailable_reason
 from ligerjax.sampling_params import SamplingParams
 
@@ -149,6 +149,13 @@ def _step(
     sequence's last token. One module-level jit, so runners of one model share programs."""
     state = jax.tree.unflatten(structure.treedef, weights)
     model = cast(CausalLM, nnx.merge(structure.graphdef, state))
+    # Packed products skip the bucket's padding rows: tokens past the last sequence's, and
+    # sequence rows past the scheduled ones (each has a context).
+    set_live_rows(
+        model,
+        tokens=batch.cu_q_lens_b1[-1],
+        head=jnp.sum(batch.context_lens_b > 0, dtype=jnp.int32),
+    )
     cache = PagedKVCache(
         kv_pages,
         batch.slot_mapping_t,

@@ -54,17 +54,26 @@ def pack_weight(w_kn: jax.Array) -> jax.Array:  # [P, K, 16], P = ceil(N / 16)
     return jnp.transpose(w_kn.reshape(K, P, PANEL), (1, 0, 2))
 
 
-def packed_matmul_reference(x_mk: jax.Array, w_pkc: jax.Array, n: int) -> jax.Array:  # [M, n]
-    """``x_mk @ W[:, :n]`` for ``w_pkc = pack_weight(W)``, in plain ``jnp``."""
+def packed_matmul_reference(
+    x_mk: jax.Array, w_pkc: jax.Array, n: int, live_rows: jax.Array | int | None = None
+) -> jax.Array:  # [M, n]
+    """``x_mk @ W[:, :n]`` for ``w_pkc = pack_weight(W)``, in plain ``jnp``; rows from
+    ``live_rows`` on are 0."""
     M = x_mk.shape[0]
     P = w_pkc.shape[0]
     out_mpc = jnp.einsum("mk,pkc->mpc", x_mk, w_pkc, precision=jax.lax.Precision.HIGHEST)
-    return out_mpc.reshape(M, P * PANEL)[:, :n]
+    out_mn = out_mpc.reshape(M, P * PANEL)[:, :n]
+    if live_rows is None:
+        return out_mn
+    return jnp.where(jnp.arange(M)[:, None] < live_rows, out_mn, jnp.zeros_like(out_mn))
 
 
-def native_packed_matmul(x_mk: jax.Array, w_pkc: jax.Array, n: int) -> jax.Array:  # [M, n] f32
+def native_packed_matmul(
+    x_mk: jax.Array, w_pkc: jax.Array, n: int, live_rows: jax.Array | int | None = None
+) -> jax.Array:  # [M, n] f32
     """``x_mk @ W[:, :n]`` by the C++ kernel (float32; needs it built: see
-    :func:`matmul_unavailable_reason`)."""
+    :func:`matmul_unavailable_reason`). Rows from ``live_rows`` (a traced or concrete int;
+    None: all) on are padding: the kernel does not multiply them and returns them as 0."""
     reason = matmul_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"native_packed_matmul: the C++ kernel is unavailable: {reason}")
@@ -72,20 +81,26 @@ def native_packed_matmul(x_mk: jax.Array, w_pkc: jax.Array, n: int) -> jax.Array
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct((x_mk.shape[0], n), jnp.float32), vmap_method="sequential"
     )
-    return call(x_mk.astype(jnp.float32), w_pkc.astype(jnp.float32))
+    rows = jnp.asarray(x_mk.shape[0] if live_rows is None else live_rows, jnp.int32)
+    return call(x_mk.astype(jnp.float32), w_pkc.astype(jnp.float32), rows.reshape(()))
 
 
-def packed_matmul(x_mk: jax.Array, w_pkc: jax.Array, n: int) -> jax.Array:  # [M, n] f32
+def packed_matmul(
+    x_mk: jax.Array, w_pkc: jax.Array, n: int, live_rows: jax.Array | int | None = None
+) -> jax.Array:  # [M, n] f32
     """``x_mk @ W[:, :n]`` for ``w_pkc = pack_weight(W)``: the C++ kernel when lowered for the
-    CPU (where it could be built), :func:`packed_matmul_reference` elsewhere."""
+    CPU (where it could be built), :func:`packed_matmul_reference` elsewhere. Rows from
+    ``live_rows`` on (None: no row) are padding and come out 0."""
     _check(x_mk, w_pkc, n)
     if matmul_unavailable_reason() is not None:
-        return packed_matmul_reference(x_mk, w_pkc, n).astype(jnp.float32)
+        return packed_matmul_reference(x_mk, w_pkc, n, live_rows).astype(jnp.float32)
+    rows = jnp.asarray(x_mk.shape[0] if live_rows is None else live_rows, jnp.int32)
     return jax.lax.platform_dependent(
         x_mk,
         w_pkc,
-        cpu=lambda x, w: native_packed_matmul(x, w, n),
-        default=lambda x, w: packed_matmul_reference(x, w, n).astype(jnp.float32),
+        rows,
+        cpu=lambda x, w, r: native_packed_matmul(x, w, n, r),
+        default=lambda x, w, r: packed_matmul_reference(x, w, n, r).astype(jnp.float32),
     )
 
 

@@ -14,7 +14,7 @@ import models
 from ligerjax import SamplingParams
 from ligerjax.engine.model_runner import ModelRunner, ModelRunnerConfig
 from ligerjax.engine.scheduler_output import ScheduledRequest
-from ligerjax.engine.weight_packing import PackedEmbed, PackedLinear, pack_weights
+from ligerjax.engine.weight_packing import PackedEmbed, PackedLinear, pack_weights, set_live_rows
 from ligerjax.kernels.native_matmul import matmul_unavailable_reason
 
 
@@ -36,6 +36,26 @@ def test_a_packed_llama_computes_the_same_logits(tied):
     want, _ = jax.jit(lambda m, t: m(t))(model, tokens_bt)
     got, _ = jax.jit(lambda m, t: m(t))(packed, tokens_bt)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_live_rows_leave_a_packed_llamas_live_tokens_as_they_were(tied):
+    """A causal model's first tokens do not see the later ones: with the rows past them marked
+    as padding, their logits are unchanged and the padding rows' are 0."""
+    cfg = models.LlamaConfig.preset("tiny", tie_word_embeddings=tied)
+    model = models.Llama(cfg, rngs=nnx.Rngs(2))
+    packed = pack_weights(model, tied_head=tied)
+    tokens_bt = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 11)))
+
+    def live_logits(m, t, n):
+        set_live_rows(m, tokens=n, head=n)
+        return m(t)[0]
+
+    want, _ = jax.jit(lambda m, t: m(t))(model, tokens_bt)
+    for n in (11, 7, 1):
+        got = np.asarray(jax.jit(live_logits)(packed, tokens_bt, jnp.int32(n)))
+        np.testing.assert_allclose(got[:, :n], np.asarray(want[:, :n]), rtol=1e-5, atol=1e-5)
+        assert not np.any(got[:, n:])
 
 
 class Stack(nnx.Module):
@@ -92,4 +112,6 @@ def test_the_runner_packs_on_the_cpu_with_the_same_logits():
         )
     ]  # fmt: skip
     logits = [np.asarray(r._run_step(r.build_batch(step))) for r in (auto, plain)]
-    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    assert logits[0].shape[0] == 2  # the sequence and a padding row
+    np.testing.assert_allclose(logits[0][:1], logits[1][:1], rtol=1e-5, atol=1e-5)
+    assert not np.any(logits[0][1:])  # the packed head skips the padding row

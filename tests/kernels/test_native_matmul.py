@@ -1,6 +1,7 @@
 """The C++ packed matmul (XLA FFI): against float64 products for row counts around the 6-row
 tile, depths across the 256-row blocks and partial last panels; a row's result independent of
-the other rows; chosen on the CPU by ``packed_matmul``; a portable build without AVX2; errors
+the other rows; padding rows past a live count skipped and zero; chosen on the CPU by
+``packed_matmul``; a portable build without AVX2; errors
 that name the bad shapes."""
 
 from __future__ import annotations
@@ -67,6 +68,23 @@ def test_a_row_does_not_depend_on_the_other_rows(rng):
         np.testing.assert_array_equal(np.asarray(step(x_mk[lo:hi], w_pkc, 40)), all_rows[lo:hi])
 
 
+def test_rows_from_live_rows_on_are_padding(rng):
+    x_mk, w_kn = operands(rng, 20, 600, 40)
+    w_pkc = pack_weight(w_kn)
+    all_rows = np.asarray(native_packed_matmul(x_mk, w_pkc, 40))
+    for fn in (native_packed_matmul, packed_matmul, packed_matmul_reference):
+        step = jax.jit(lambda x, w, live, fn=fn: fn(x, w, 40, live))
+        for live in [0, 1, 6, 13, 20, 99]:
+            out = np.asarray(step(x_mk, w_pkc, jnp.int32(live)))
+            n = min(live, 20)
+            assert not np.any(out[n:])
+            if fn is packed_matmul_reference:
+                np.testing.assert_allclose(out[:n], all_rows[:n], rtol=0, atol=1e-4)
+            else:  # the live rows are the same sums, bit for bit
+                np.testing.assert_array_equal(out[:n], all_rows[:n])
+        assert step._cache_size() == 1  # the count is an operand, not a shape
+
+
 def test_packed_matmul_runs_the_kernel_on_the_cpu_and_the_reference_elsewhere(rng):
     x_mk, w_kn = operands(rng, 9, 48, 33)
     w_pkc = pack_weight(w_kn)
@@ -107,4 +125,6 @@ def test_the_portable_build_without_avx2_matches_too(rng, tmp_path):
     for M, K, N in [(7, 300, 37), (1, 16, 16)]:
         x_mk, w_kn = operands(rng, M, K, N)
         call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((M, N), jnp.float32))
-        assert_close(call(x_mk, pack_weight(w_kn)), f64_product(x_mk, w_kn), K)
+        out = call(x_mk, pack_weight(w_kn), jnp.int32(M - 1))
+        assert_close(out[: M - 1], f64_product(x_mk, w_kn)[: M - 1], K)
+        assert not np.any(np.asarray(out[M - 1 :]))

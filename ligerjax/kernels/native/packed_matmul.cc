@@ -6,9 +6,12 @@
 // again on every call: the skinny products of decode steps (8-64 rows) are bound by that copy.
 //
 // x is repacked per call into groups of 6 rows, k-major (x_gkr [G, K, 6]), small next to W.
-// Work items are panels, shared out over XLA's intra-op pool. An item walks its panel in
-// depth blocks of kDepth rows (a 16 KiB slice that stays in L1) and, for each, every row
-// group: a 6 x 16 register tile of 12 AVX2 accumulators, one FMA per (row, k, 8 columns).
+// Work items are runs of consecutive panels, shared out over XLA's intra-op pool. For each
+// panel, every row group walks the panel's depth in blocks of kDepth rows: a 6 x 16 register
+// tile of 12 AVX2 accumulators, one FMA per (row, k, 8 columns).
+//
+// A scalar live_rows operand marks the rows past it as padding (a step's bucket beyond its
+// tokens): they are not multiplied and come out 0.
 //
 // Every output element is summed in the same order (k ascending within a depth block, the
 // blocks added in order) whatever M, the row's group, the item or the thread: a row's
@@ -37,19 +40,25 @@ constexpr int64_t kDepth = 256;  // k rows of a panel per block
 struct Problem {
   const float* w_pkc;  // [P, K, 16]
   float* out;          // [M, N]
-  int64_t M, K, N;
+  int64_t M, K, N, P;
 };
 
 // acc[r, c] (+)= sum_{k < depth} x_kr[k, r] * w_kc[k, c] for r < R, all 16 columns; the tile
-// is written to c_rc (row stride ldc), added to what it holds unless first.
+// is written to c_rc (row stride ldc), added to what it holds unless first. With next_kc,
+// the tile also asks for the same depth rows of the next panel (one cache line per k), so
+// that panel's first row group finds them on its way instead of waiting on memory.
 #if defined(__AVX2__) && defined(__FMA__)
 template <int R>
 void Tile(const float* x_kr, const float* w_kc, int64_t depth, float* c_rc, int64_t ldc,
-          bool first) {
+          bool first, const float* next_kc) {
   __m256 lo[R], hi[R];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+#pragma GCC unroll 4
   for (int64_t k = 0; k < depth; ++k) {
+    if (next_kc != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next_kc + k * kCols), _MM_HINT_T0);
+    }
     const __m256 w_lo = _mm256_loadu_ps(w_kc + k * kCols);
     const __m256 w_hi = _mm256_loadu_ps(w_kc + k * kCols + 8);
 #pragma GCC unroll 6
@@ -73,7 +82,7 @@ void Tile(const float* x_kr, const float* w_kc, int64_t depth, float* c_rc, int6
 #else
 template <int R>
 void Tile(const float* x_kr, const float* w_kc, int64_t depth, float* c_rc, int64_t ldc,
-          bool first) {
+          bool first, const float* /*next_kc*/) {
   float acc[R][kCols] = {};
   for (int64_t k = 0; k < depth; ++k) {
     for (int r = 0; r < R; ++r) {
@@ -86,16 +95,24 @@ void Tile(const float* x_kr, const float* w_kc, int64_t depth, float* c_rc, int6
 }
 #endif
 
-using TileFn = void (*)(const float*, const float*, int64_t, float*, int64_t, bool);
+using TileFn = void (*)(const float*, const float*, int64_t, float*, int64_t, bool,
+                       const float*);
 constexpr TileFn kTiles[kRows + 1] = {nullptr, Tile<1>, Tile<2>, Tile<3>, Tile<4>, Tile<5>, Tile<6>};
 
-// Panel p of the output: tiles written in place, or through a 6 x 16 scratch tile when the
-// panel is the last and N leaves it partial.
+// An item is a run of consecutive panels; panel p of the output: tiles written in place, or
+// through a 6 x 16 scratch tile when the panel is the last and N leaves it partial. While the
+// first row group of a panel runs, the next panel of the run is fetched.
 struct PanelTask {
   Problem p;
   std::vector<float> x_gkr;  // [G, K, 6], rows past M are 0
+  int64_t run;               // panels an item
 
-  void Run(int64_t panel) const {
+  void Run(int64_t item) const {
+    const int64_t end = std::min(p.P, (item + 1) * run);
+    for (int64_t panel = item * run; panel < end; ++panel) RunPanel(panel, panel + 1 < end);
+  }
+
+  void RunPanel(int64_t panel, bool fetch_next) const {
     const int64_t col0 = panel * kCols, cols = std::min(kCols, p.N - col0);
     const float* w_kc = p.w_pkc + panel * p.K * kCols;
     float scratch[kRows * kCols];
@@ -104,9 +121,10 @@ struct PanelTask {
       const float* x_kr = x_gkr.data() + row0 * p.K;  // group row0 / 6
       float* c_rc = cols == kCols ? p.out + row0 * p.N + col0 : scratch;
       const int64_t ldc = cols == kCols ? p.N : kCols;
+      const float* next_kc = fetch_next && row0 == 0 ? w_kc + p.K * kCols : nullptr;
       for (int64_t k0 = 0; k0 < p.K; k0 += kDepth) {
         kTiles[rows](x_kr + k0 * kRows, w_kc + k0 * kCols, std::min(kDepth, p.K - k0), c_rc, ldc,
-                     k0 == 0);
+                     k0 == 0, next_kc == nullptr ? nullptr : next_kc + k0 * kCols);
       }
       if (cols < kCols) {
         for (int64_t r = 0; r < rows; ++r) {
@@ -117,37 +135,60 @@ struct PanelTask {
   }
 };
 
-std::vector<float> PackRows(const float* x, int64_t M, int64_t K) {
-  const int64_t groups = (M + kRows - 1) / kRows;
-  std::vector<float> x_gkr(groups * K * kRows, 0.f);
-  for (int64_t m = 0; m < M; ++m) {
-    float* dst = x_gkr.data() + (m / kRows) * K * kRows + m % kRows;
-    for (int64_t k = 0; k < K; ++k) dst[k * kRows] = x[m * K + k];
+// x [M, K] into x_gkr [G, K, 6] (zeroed beforehand), one item per group of 6 rows.
+struct PackTask {
+  const float* x;
+  float* x_gkr;
+  int64_t M, K;
+
+  void Run(int64_t group) const {
+    const int64_t row0 = group * kRows, rows = std::min(kRows, M - row0);
+    float* dst_kr = x_gkr + group * K * kRows;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = x + (row0 + r) * K;
+      for (int64_t k = 0; k < K; ++k) dst_kr[k * kRows + r] = src[k];
+    }
   }
-  return x_gkr;
-}
+};
+
+// Packing 6 rows is a small job: worth sharing out only for big products.
+constexpr int64_t kSharedPackElems = 1 << 16;
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> out) {
+                        ffi::Buffer<ffi::S32> live_rows, ffi::ResultBuffer<ffi::F32> out) {
   const auto x_dims = x.dimensions();
   const auto w_dims = w.dimensions();
   const auto out_dims = out->dimensions();
-  if (x_dims.size() != 2 || w_dims.size() != 3 || out_dims.size() != 2) {
+  if (x_dims.size() != 2 || w_dims.size() != 3 || out_dims.size() != 2 ||
+      live_rows.element_count() != 1) {
     return ffi::Error::InvalidArgument("packed matmul: bad ranks");
   }
-  const int64_t M = x_dims[0], K = x_dims[1], P = w_dims[0], N = out_dims[1];
-  if (w_dims[1] != K || w_dims[2] != kCols || out_dims[0] != M || N > P * kCols ||
+  const int64_t rows = x_dims[0], K = x_dims[1], P = w_dims[0], N = out_dims[1];
+  if (w_dims[1] != K || w_dims[2] != kCols || out_dims[0] != rows || N > P * kCols ||
       N <= (P - 1) * kCols) {
     return ffi::Error::InvalidArgument("packed matmul: bad shapes");
   }
+  // Rows from live_rows on are padding: not multiplied, and 0 in the output.
+  const int64_t M = std::clamp<int64_t>(live_rows.typed_data()[0], 0, rows);
+  std::memset(out->typed_data() + M * N, 0, sizeof(float) * (rows - M) * N);
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0) {
     std::memset(out->typed_data(), 0, sizeof(float) * M * N);
     return ffi::Error::Success();
   }
-  ligerjax::ShareOut(pool, P,
-                     PanelTask{{w.typed_data(), out->typed_data(), M, K, N},
-                               PackRows(x.typed_data(), M, K)});
+  const int64_t groups = (M + kRows - 1) / kRows;
+  std::vector<float> x_gkr(groups * K * kRows, 0.f);
+  const PackTask pack{x.typed_data(), x_gkr.data(), M, K};
+  if (M * K >= kSharedPackElems) {
+    ligerjax::ShareOut(pool, groups, pack);
+  } else {
+    for (int64_t g = 0; g < groups; ++g) pack.Run(g);
+  }
+  // About 8 runs a thread: enough to even out, long enough for the next-panel fetch to pay.
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t run = std::max<int64_t>(1, P / (8 * workers));
+  ligerjax::ShareOut(pool, (P + run - 1) / run,
+                     PanelTask{{w.typed_data(), out->typed_data(), M, K, N, P}, std::move(x_gkr), run});
   return ffi::Error::Success();
 }
 
@@ -158,4 +199,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LigerjaxPackedMatmul, PackedMatmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
