@@ -127,7 +127,7 @@ def pack_weights(model: nnx.Module, *, tied_head: bool = False) -> nnx.Module:
     return packed
 
 
-def set_live_rows(model: nnx.Module, *, tokens: jax.Array | int, head: jax.Array | int) -> None:
+def set_live_rows(model: Any, *, tokens: jax.Array | int, head: jax.Array | int) -> None:
     """Mark the live rows of a packed model's products (inside a traced step: the values may
     be tracers): ``tokens`` for the layers, ``head`` for the LM head. A model without packed
     products is left as it is."""
