@@ -79,7 +79,7 @@ def test_interleaved_program_ties_every_primary_all_reduce_to_secondary_work():
     assert all(w.secondary_ops for w in comm_windows)
 
 
-def test_interleave_off_gives_the_same_numbers_without_barriers():
+def test_interleave_off_gives_the_same_numbers_without_emitted_barriers():
     model = _llama()
     lm = ligerize(model, mesh=_mesh(4), interleave=False)
     p_out, s_out = lm.interleaved((P_TOKENS,), (S_TOKENS,))

@@ -81,8 +81,8 @@ def native_packed_matmul(
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct((x_mk.shape[0], n), jnp.float32), vmap_method="sequential"
     )
-    rows = jnp.asarray(x_mk.shape[0] if live_rows is None else live_rows, jnp.int32)
-    return call(x_mk.astype(jnp.float32), w_pkc.astype(jnp.float32), rows.reshape(()))
+    rows = _live_rows(x_mk, live_rows)
+    return call(x_mk.astype(jnp.float32), w_pkc.astype(jnp.float32), rows)
 
 
 def packed_matmul(
@@ -94,7 +94,7 @@ def packed_matmul(
     _check(x_mk, w_pkc, n)
     if matmul_unavailable_reason() is not None:
         return packed_matmul_reference(x_mk, w_pkc, n, live_rows).astype(jnp.float32)
-    rows = jnp.asarray(x_mk.shape[0] if live_rows is None else live_rows, jnp.int32)
+    rows = _live_rows(x_mk, live_rows)
     return jax.lax.platform_dependent(
         x_mk,
         w_pkc,
@@ -102,6 +102,10 @@ def packed_matmul(
         cpu=lambda x, w, r: native_packed_matmul(x, w, n, r),
         default=lambda x, w, r: packed_matmul_reference(x, w, n, r).astype(jnp.float32),
     )
+
+
+def _live_rows(x_mk: jax.Array, live_rows: jax.Array | int | None) -> jax.Array:  # [] int32
+    return jnp.asarray(x_mk.shape[0] if live_rows is None else live_rows, jnp.int32).reshape(())
 
 
 def _check(x_mk: jax.Array, w_pkc: jax.Array, n: int) -> None:

@@ -1,8 +1,7 @@
 """The C++ packed matmul (XLA FFI): against float64 products for row counts around the 6-row
 tile, depths across the 256-row blocks and partial last panels; a row's result independent of
 the other rows; padding rows past a live count skipped and zero; chosen on the CPU by
-``packed_matmul``; a portable build without AVX2; errors
-that name the bad shapes."""
+``packed_matmul``; a portable build without AVX2; errors that name the bad shapes."""
 
 from __future__ import annotations
 

@@ -187,8 +187,8 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   // About 8 runs a thread: enough to even out, long enough for the next-panel fetch to pay.
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   const int64_t run = std::max<int64_t>(1, P / (8 * workers));
-  ligerjax::ShareOut(pool, (P + run - 1) / run,
-                     PanelTask{{w.typed_data(), out->typed_data(), M, K, N, P}, std::move(x_gkr), run});
+  const Problem problem{w.typed_data(), out->typed_data(), M, K, N, P};
+  ligerjax::ShareOut(pool, (P + run - 1) / run, PanelTask{problem, std::move(x_gkr), run});
   return ffi::Error::Success();
 }
 

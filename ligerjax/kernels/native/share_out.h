@@ -2,10 +2,9 @@
 //
 // The caller works too (it is not one of the pool's threads, so it takes one helper's place:
 // the pool's size is the number of threads that work), and waits only for helpers that have
-// started; a helper that starts
-// after the caller returned finds no item left and touches nothing but the shared state,
-// which it co-owns. Items must be independent: which thread runs one never changes its
-// result.
+// started; a helper that starts after the caller returned finds no item left and touches
+// nothing but the shared state, which it co-owns. Items must be independent: which thread
+// runs one never changes its result.
 
 #ifndef LIGERJAX_KERNELS_NATIVE_SHARE_OUT_H_
 #define LIGERJAX_KERNELS_NATIVE_SHARE_OUT_H_
