@@ -95,7 +95,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
         )
         self.llm_engine = LLMEngine(
-            self.model,
+            self.model.with_rotary_table(self.max_model_len),
             cfg,
             scheduler_config,
             tokenizer=self.tokenizer,

@@ -42,12 +42,36 @@ def rope_angles(
     positions_bt: jax.Array,  # [B, T] int32
     inv_freq: jax.Array,  # [D/2]
 ) -> tuple[jax.Array, jax.Array]:  # cos, sin: [B, T, 1, D/2]
-    """Cosines and sines of every token's rotary angles, computed once a call for all layers."""
+    """Cosines and sines of every token's rotary angles."""
     angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
-    # The barrier keeps the tables as values: without it XLA fuses cos and sin into every
-    # layer's rotation again.
-    cos_btf, sin_btf = jax.lax.optimization_barrier((jnp.cos(angles_btf), jnp.sin(angles_btf)))
-    return cos_btf[:, :, None, :], sin_btf[:, :, None, :]
+    return jnp.cos(angles_btf)[:, :, None, :], jnp.sin(angles_btf)[:, :, None, :]
+
+
+class RotaryCache(nnx.Variable):
+    """Rotary cosines and sines tabulated from the config: derived, never loaded."""
+
+
+class RotaryTable(nnx.Module):
+    """The rotary cosines and sines of positions ``[0, max_positions)``, computed once.
+
+    XLA:CPU fuses ``cos`` and ``sin`` into every layer's rotation of q and k and so evaluates
+    them again for each head of each layer (its optimization barriers are gone before fusion);
+    a gather from a table costs a load per element instead."""
+
+    def __init__(self, config: LlamaConfig, max_positions: int):
+        if max_positions < 1:
+            raise ValueError(f"RotaryTable: max_positions={max_positions} must be >= 1")
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        cos_1p1f, sin_1p1f = rope_angles(jnp.arange(max_positions, dtype=jnp.int32)[None], inv_freq)
+        self.max_positions = max_positions
+        self.cos_pf = RotaryCache(cos_1p1f[0, :, 0])  # [P, D/2]
+        self.sin_pf = RotaryCache(sin_1p1f[0, :, 0])  # [P, D/2]
+
+    def __call__(self, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos, sin ``[B, T, 1, D/2]`` of positions below ``max_positions`` (others clamp)."""
+        cos_btf = self.cos_pf[...][positions_bt]
+        sin_btf = self.sin_pf[...][positions_bt]
+        return cos_btf[:, :, None], sin_btf[:, :, None]
 
 
 def apply_rope(
@@ -164,6 +188,16 @@ class Llama(nnx.Module):
             if config.tie_word_embeddings
             else _linear(config.hidden_size, config.vocab_size, config, rngs)
         )
+        self.rotary_table: RotaryTable | None = nnx.data(None)  # set by with_rotary_table
+
+    def with_rotary_table(self, max_positions: int) -> Llama:
+        """A copy of this model (sharing its weights) that reads its rotary cosines and sines
+        from a :class:`RotaryTable` of positions ``[0, max_positions)`` instead of computing
+        them on every call: for serving, where positions stay below the context length."""
+        graphdef, state = nnx.split(self)
+        tabled = nnx.merge(graphdef, state)  # new modules over the same arrays
+        tabled.rotary_table = RotaryTable(self.config, max_positions)
+        return tabled
 
     def hidden_states(
         self,
@@ -172,10 +206,13 @@ class Llama(nnx.Module):
         cache: KVCache,
     ) -> tuple[jax.Array, KVCache]:  # [B, T, E]
         """Final-norm hidden states of every token, and the updated cache."""
-        inv_freq = rope_inv_freq(
-            self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
-        )
-        rope = rope_angles(positions_bt, inv_freq)
+        if self.rotary_table is not None:
+            rope = self.rotary_table(positions_bt)
+        else:
+            inv_freq = rope_inv_freq(
+                self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
+            )
+            rope = rope_angles(positions_bt, inv_freq)
         x_bte = self.embed_tokens(tokens_bt)
         for i, layer in enumerate(self.layers):
             x_bte, cache = layer(x_bte, positions_bt, rope, cache, i)
