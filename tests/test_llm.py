@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import jax
 import pytest
 
 from ligerjax import LLM, RequestOutput, SamplingParams
@@ -141,3 +144,13 @@ def test_a_kv_budget_too_small_for_two_blocks_names_the_value():
         LLM(model="smollm2-135m", kv_cache_memory=1000)
     with pytest.raises(ValueError, match="swap_space=0"):
         LLM(model="smollm2-135m", preemption_mode="swap")
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_a_bfloat16_cache_on_the_cpu_warns_that_it_is_slow(kv_dtype, caplog):
+    with caplog.at_level(logging.WARNING, logger="ligerjax.api"):
+        small = LLM(model="smollm2-135m", max_num_seqs=1, max_model_len=32, kv_cache_dtype=kv_dtype)
+    warned = any("kv_cache_dtype=bfloat16" in r.getMessage() for r in caplog.records)
+    assert warned == (kv_dtype == "bfloat16" and jax.default_backend() == "cpu")
+    out = small.generate(["Hi"], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2  # it still serves
