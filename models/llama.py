@@ -62,15 +62,15 @@ class RotaryTable(nnx.Module):
         if max_positions < 1:
             raise ValueError(f"RotaryTable: max_positions={max_positions} must be >= 1")
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-        cos_1p1f, sin_1p1f = rope_angles(jnp.arange(max_positions, dtype=jnp.int32)[None], inv_freq)
+        cos_1s1f, sin_1s1f = rope_angles(jnp.arange(max_positions, dtype=jnp.int32)[None], inv_freq)
         self.max_positions = max_positions
-        self.cos_pf = RotaryCache(cos_1p1f[0, :, 0])  # [P, D/2]
-        self.sin_pf = RotaryCache(sin_1p1f[0, :, 0])  # [P, D/2]
+        self.cos_sf = RotaryCache(cos_1s1f[0, :, 0])  # [S, D/2]: a context's positions
+        self.sin_sf = RotaryCache(sin_1s1f[0, :, 0])  # [S, D/2]
 
     def __call__(self, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
         """cos, sin ``[B, T, 1, D/2]`` of positions below ``max_positions`` (others clamp)."""
-        cos_btf = self.cos_pf[...][positions_bt]
-        sin_btf = self.sin_pf[...][positions_bt]
+        cos_btf = self.cos_sf[...][positions_bt]
+        sin_btf = self.sin_sf[...][positions_bt]
         return cos_btf[:, :, None], sin_btf[:, :, None]
 
 
