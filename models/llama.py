@@ -38,6 +38,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> j
     return jnp.where(is_medium, blended, scaled)
 
 
+def _inv_freq(config: LlamaConfig) -> jax.Array:  # [D/2]
+    return rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+
+
 def rope_angles(
     positions_bt: jax.Array,  # [B, T] int32
     inv_freq: jax.Array,  # [D/2]
@@ -61,9 +65,8 @@ class RotaryTable(nnx.Module):
     def __init__(self, config: LlamaConfig, max_positions: int):
         if max_positions < 1:
             raise ValueError(f"RotaryTable: max_positions={max_positions} must be >= 1")
-        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-        cos_1s1f, sin_1s1f = rope_angles(jnp.arange(max_positions, dtype=jnp.int32)[None], inv_freq)
-        self.max_positions = max_positions
+        positions_1s = jnp.arange(max_positions, dtype=jnp.int32)[None]
+        cos_1s1f, sin_1s1f = rope_angles(positions_1s, _inv_freq(config))
         self.cos_sf = RotaryCache(cos_1s1f[0, :, 0])  # [S, D/2]: a context's positions
         self.sin_sf = RotaryCache(sin_1s1f[0, :, 0])  # [S, D/2]
 
@@ -209,10 +212,7 @@ class Llama(nnx.Module):
         if self.rotary_table is not None:
             rope = self.rotary_table(positions_bt)
         else:
-            inv_freq = rope_inv_freq(
-                self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
-            )
-            rope = rope_angles(positions_bt, inv_freq)
+            rope = rope_angles(positions_bt, _inv_freq(self.config))
         x_bte = self.embed_tokens(tokens_bt)
         for i, layer in enumerate(self.layers):
             x_bte, cache = layer(x_bte, positions_bt, rope, cache, i)
