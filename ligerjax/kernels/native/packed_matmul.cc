@@ -45,8 +45,10 @@ struct Problem {
 
 // acc[r, c] (+)= sum_{k < depth} x_kr[k, r] * w_kc[k, c] for r < R, all 16 columns; the tile
 // is written to c_rc (row stride ldc), added to what it holds unless first. With next_kc,
-// the tile also asks for the same depth rows of the next panel (one cache line per k), so
-// that panel's first row group finds them on its way instead of waiting on memory.
+// the tile also asks for the same depth rows of the next panel (one cache line per k) to be
+// brought into L2, so that panel's first row group finds them on its way instead of waiting
+// on memory. Into L2, not L1: a panel (36 KiB for K = 576) and the next do not fit L1
+// together, and the current one is read again by the other row groups.
 #if defined(__AVX2__) && defined(__FMA__)
 template <int R>
 void Tile(const float* x_kr, const float* w_kc, int64_t depth, float* c_rc, int64_t ldc,
@@ -57,7 +59,7 @@ void Tile(const float* x_kr, const float* w_kc, int64_t depth, float* c_rc, int6
 #pragma GCC unroll 4
   for (int64_t k = 0; k < depth; ++k) {
     if (next_kc != nullptr) {
-      _mm_prefetch(reinterpret_cast<const char*>(next_kc + k * kCols), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next_kc + k * kCols), _MM_HINT_T1);
     }
     const __m256 w_lo = _mm256_loadu_ps(w_kc + k * kCols);
     const __m256 w_hi = _mm256_loadu_ps(w_kc + k * kCols + 8);
