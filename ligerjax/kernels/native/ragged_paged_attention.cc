@@ -46,6 +46,7 @@ using ligerjax::Exp;
 
 constexpr int64_t kTileTokens = 16;
 constexpr int64_t kMaxPage = 256;
+constexpr int64_t kLine = 64;  // bytes in a cache line
 
 // Page elements: float, or 16-bit floats kept as their bits.
 struct F16 {
@@ -224,6 +225,17 @@ void PageValues(const Problem<Elem>& p, const Elem* v_jd, const float* s_j, int6
   }
 }
 
+// Bytes [lo, hi) of a page asked for into L2 (prefetcht1), one request a cache line.
+template <typename Elem>
+void FetchSlice(const Elem* page, int64_t lo, int64_t hi) {
+  const char* bytes = reinterpret_cast<const char*>(page);
+  for (int64_t at = lo; at < hi; at += kLine) __builtin_prefetch(bytes + at, 0, 2);
+}
+
+// The item's (token, head) rows against its pages in order. While a page is worked on, the
+// next one is fetched a slice before each row, so that the memory keeps busy through the
+// page's work: decode waits on memory, and asking for the whole next page at once did not
+// overlap (the same time as no fetch at all), where the slices do (docs/BENCHMARKS.md).
 template <typename Elem>
 void RunItem(const Problem<Elem>& p, const Item& item) {
   const int64_t D = p.D, H = p.H, P = p.P;
@@ -241,9 +253,18 @@ void RunItem(const Problem<Elem>& p, const Item& item) {
   }
   const int32_t* table = p.block_tables + item.b * p.M;
   float s_j[kMaxPage + 8] = {};
+  const int64_t page_elems = P * p.K * D;
+  const int64_t page_bytes = page_elems * static_cast<int64_t>(sizeof(Elem));
+  const int64_t slice = (page_bytes + rows * kLine - 1) / (rows * kLine) * kLine;  // bytes a row
   for (int64_t page = 0; page * P < max_seen; ++page) {
     const int64_t block = std::clamp<int64_t>(table[page], 0, p.N - 1);
+    const bool fetch = (page + 1) * P < max_seen;
+    const int64_t next = fetch ? std::clamp<int64_t>(table[page + 1], 0, p.N - 1) * page_elems : 0;
     for (int64_t r = 0; r < rows; ++r) {
+      if (fetch) {
+        FetchSlice(p.k_pages + next, r * slice, std::min(page_bytes, (r + 1) * slice));
+        FetchSlice(p.v_pages + next, r * slice, std::min(page_bytes, (r + 1) * slice));
+      }
       const int64_t n = std::min(P, seen_r[r] - page * P);
       if (n <= 0) continue;
       const int64_t offset = (block * P * p.K + (r % H) / p.G) * D;  // key 0 of r's kv head
