@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -234,6 +236,26 @@ def run_llama_cpp(args: argparse.Namespace, workload: Workload) -> Result:
     return Result(time.monotonic() - t0, ttft, tpot)
 
 
+def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The host's CPU as one token of the result line: vendor, family and model, and
+    ``-avx512`` where it has AVX-512 (``amd-f25m17-avx512``); the machine's name where
+    ``cpuinfo`` cannot be read. The peers' ratios move with it (docs/BENCHMARKS.md)."""
+    info: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.machine() or "unknown"
+    parts = [{"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(info.get("vendor_id", ""), "")]
+    if "cpu family" in info and "model" in info:
+        parts.append(f"f{info['cpu family']}m{info['model']}")
+    label = "-".join(p for p in parts if p) or platform.machine() or "unknown"
+    if "avx512f" in info.get("flags", "").split():
+        label += "-avx512"
+    return label
+
+
 def run(args: argparse.Namespace) -> int:
     workload = make_workload(args)
     ours = run_ligerjax(args, workload)
@@ -264,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     line += (
         f" {' '.join(latencies)} mean_prompt={mean_prompt:.0f}"
         f" mean_output={np.mean(workload.output_lens):.0f}"
-        f" output_tokens={workload.num_output_tokens}"
+        f" output_tokens={workload.num_output_tokens} cpu={host_cpu()}"
     )
     print(line)
     return 0
