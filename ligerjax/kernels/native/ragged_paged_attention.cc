@@ -262,12 +262,13 @@ void RunItem(const Problem<Elem>& p, const Item& item) {
     const int64_t next = fetch ? std::clamp<int64_t>(table[page + 1], 0, p.N - 1) * page_elems : 0;
     for (int64_t r = 0; r < rows; ++r) {
       if (fetch) {
-        FetchSlice(p.k_pages + next, r * slice, std::min(page_bytes, (r + 1) * slice));
-        FetchSlice(p.v_pages + next, r * slice, std::min(page_bytes, (r + 1) * slice));
+        const int64_t lo = r * slice, hi = std::min(page_bytes, lo + slice);
+        FetchSlice(p.k_pages + next, lo, hi);
+        FetchSlice(p.v_pages + next, lo, hi);
       }
       const int64_t n = std::min(P, seen_r[r] - page * P);
       if (n <= 0) continue;
-      const int64_t offset = (block * P * p.K + (r % H) / p.G) * D;  // key 0 of r's kv head
+      const int64_t offset = block * page_elems + (r % H) / p.G * D;  // key 0 of r's kv head
       float m_new = m_r[r];
       const float sum = PageSoftmax(p, &q_rd[r * D], p.k_pages + offset, n, &m_new, s_j);
       const float alpha = std::exp(m_r[r] - m_new);  // 0 before the first key
