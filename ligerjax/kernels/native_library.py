@@ -32,7 +32,15 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 DISABLE_ENV = "LIGERJAX_NATIVE"
 CACHE_ENV = "LIGERJAX_CACHE_DIR"
 
-__all__ = ["CACHE_ENV", "DISABLE_ENV", "FLAGS", "SOURCE_DIR", "NativeBuild", "load_kernel"]
+__all__ = [
+    "CACHE_ENV",
+    "DISABLE_ENV",
+    "FLAGS",
+    "SOURCE_DIR",
+    "NativeBuild",
+    "cpu_flags",
+    "load_kernel",
+]
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class NativeBuild:
         headers = [h.read_text() for h in sorted(self.source.parent.glob("*.h"))]
         key = "\n".join(
             [self.source.read_text(), *headers, " ".join(self.flags), version,
-             jaxlib.__version__, _cpu()]
+             jaxlib.__version__, cpu_flags()]
         )  # fmt: skip
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return self.cache_dir / f"{self.source.stem}-{digest}.so"
@@ -81,8 +89,8 @@ class NativeBuild:
         return path
 
 
-def _cpu() -> str:
-    """The CPU's feature flags (what -march=native compiles for)."""
+def cpu_flags() -> str:
+    """The CPU's feature-flags line of /proc/cpuinfo (what -march=native compiles for)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):

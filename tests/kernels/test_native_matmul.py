@@ -1,7 +1,8 @@
 """The C++ packed matmul (XLA FFI): against float64 products for row counts around the 6-row
 tile, depths across the 256-row blocks and partial last panels; a row's result independent of
 the other rows; padding rows past a live count skipped and zero; chosen on the CPU by
-``packed_matmul``; a portable build without AVX2; errors that name the bad shapes."""
+``packed_matmul``; a portable build without AVX2; AVX-512 and AVX2 tiles equal bit for bit;
+errors that name the bad shapes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from ligerjax.kernels import native_matmul as nm
-from ligerjax.kernels.native_library import FLAGS, NativeBuild
+from ligerjax.kernels.native_library import FLAGS, NativeBuild, cpu_flags
 from ligerjax.kernels.native_matmul import (
     native_packed_matmul,
     pack_weight,
@@ -116,14 +117,47 @@ def test_bad_shapes_are_named(rng):
         native_packed_matmul(x_mk, w_pkc, 16)
 
 
-def test_the_portable_build_without_avx2_matches_too(rng, tmp_path):
-    flags = tuple(f for f in FLAGS if f != "-march=native")
+def build_and_register(tmp_path, flags, target) -> str:
+    """The kernel compiled with ``flags`` (into its own cache) and registered as ``target``."""
     library = ctypes.CDLL(str(NativeBuild(nm.SOURCE, "c++", tmp_path, flags=flags).build()))
-    target = "ligerjax_test_portable_packed_matmul"
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.LigerjaxPackedMatmul), "cpu")
-    for M, K, N in [(7, 300, 37), (1, 16, 16)]:
+    return target
+
+
+def call_target(target, x_mk, w_kn, live_rows) -> np.ndarray:
+    M, N = x_mk.shape[0], w_kn.shape[1]
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((M, N), jnp.float32))
+    return np.asarray(call(x_mk, pack_weight(w_kn), jnp.int32(live_rows)))
+
+
+PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
+
+
+def test_the_portable_build_without_avx2_matches_too(rng, tmp_path):
+    target = build_and_register(tmp_path, PORTABLE_FLAGS, "ligerjax_test_portable_packed_matmul")
+    for M, K, N in [(7, 300, 37), (1, 16, 16), (6, 40, 80)]:
         x_mk, w_kn = operands(rng, M, K, N)
-        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((M, N), jnp.float32))
-        out = call(x_mk, pack_weight(w_kn), jnp.int32(M - 1))
+        out = call_target(target, x_mk, w_kn, M - 1)
         assert_close(out[: M - 1], f64_product(x_mk, w_kn)[: M - 1], K)
-        assert not np.any(np.asarray(out[M - 1 :]))
+        assert not np.any(out[M - 1 :])
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags().split(), reason="the host has no AVX-512")
+def test_the_avx512_and_avx2_tiles_agree_bit_for_bit(rng, tmp_path):
+    avx2 = build_and_register(
+        tmp_path / "avx2", (*PORTABLE_FLAGS, "-mavx2", "-mfma"), "ligerjax_test_avx2_packed_matmul"
+    )
+    avx512 = build_and_register(
+        tmp_path / "avx512",
+        (*PORTABLE_FLAGS, "-mavx512f", "-mavx2", "-mfma"),
+        "ligerjax_test_avx512_packed_matmul",
+    )
+    # panel pairs, a lone full panel and a partial one; depths across blocks; every row count
+    # of the last row group
+    for M, K, N in [(64, 600, 40), (13, 300, 7 * 16 + 3), (1, 576, 192), (11, 1536, 64)]:
+        x_mk, w_kn = operands(rng, M, K, N)
+        out = call_target(avx512, x_mk, w_kn, M)
+        np.testing.assert_array_equal(out, call_target(avx2, x_mk, w_kn, M))
+        assert_close(out, f64_product(x_mk, w_kn), K)
+
+

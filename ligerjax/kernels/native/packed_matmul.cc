@@ -7,15 +7,19 @@
 //
 // x is repacked per call into groups of 6 rows, k-major (x_gkr [G, K, 6]), small next to W.
 // Work items are runs of consecutive panels, shared out over XLA's intra-op pool. For each
-// panel, every row group walks the panel's depth in blocks of kDepth rows: a 6 x 16 register
-// tile of 12 AVX2 accumulators, one FMA per (row, k, 8 columns).
+// tile of panels (two with AVX-512, one with AVX2), every row group walks the panels' depth
+// in blocks of kDepth rows: a register tile of 12 accumulators, 6 rows by two 16-float
+// vectors (AVX-512: two panels) or by two 8-float halves of one panel (AVX2), one FMA per
+// (row, k, vector). A 6 x 32 tile keeps both of the AVX-512 FMA pipes busy where they are
+// 512 bits wide (Zen 5: twice AVX2's peak); the arithmetic of each element is the same.
 //
 // A scalar live_rows operand marks the rows past it as padding (a step's bucket beyond its
 // tokens): they are not multiplied and come out 0.
 //
 // Every output element is summed in the same order (k ascending within a depth block, the
-// blocks added in order) whatever M, the row's group, the item or the thread: a row's
-// result does not depend on the other rows of the call.
+// blocks added in order) whatever M, the row's group, the tile, the item, the thread or the
+// vector width: a row's result does not depend on the other rows of the call, and AVX-512
+// and AVX2 builds agree bit for bit.
 
 #include <algorithm>
 #include <cstdint>
@@ -25,7 +29,7 @@
 #include "share_out.h"
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -34,8 +38,13 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kRows = 6;     // rows of x in a register tile
-constexpr int64_t kCols = 16;    // panel width: two 8-float vectors
+constexpr int64_t kCols = 16;    // panel width
 constexpr int64_t kDepth = 256;  // k rows of a panel per block
+#if defined(__AVX512F__)
+constexpr int64_t kTilePanels = 2;
+#else
+constexpr int64_t kTilePanels = 1;
+#endif
 
 struct Problem {
   const float* w_pkc;  // [P, K, 16]
@@ -43,37 +52,80 @@ struct Problem {
   int64_t M, K, N, P;
 };
 
-// acc[r, c] (+)= sum_{k < depth} x_kr[k, r] * w_kc[k, c] for r < R, all 16 columns; the tile
-// is written to c_rc (row stride ldc), added to what it holds unless first. With next_kc,
-// the tile also asks for the same depth rows of the next panel (one cache line per k) to be
-// brought into L2, so that panel's first row group finds them on its way instead of waiting
-// on memory. Into L2, not L1: a panel (36 KiB for K = 576) and the next do not fit L1
-// together, and the current one is read again by the other row groups.
-#if defined(__AVX2__) && defined(__FMA__)
-template <int R>
-void Tile(const float* x_kr, const float* w_kc, int64_t depth, float* c_rc, int64_t ldc,
-          bool first, const float* next_kc) {
+// The operands of one tile: R rows of x against NP panels over `depth` k rows, the panels
+// `stride` floats apart. The tile is written to c_rc (row stride ldc, panel j at column 16 j),
+// added to what it holds unless first. With next_kc (next_panels of them, `stride` apart), the
+// tile also asks for the same depth rows of the next panels (one cache line per k) to be
+// brought into L2, so that their first row group finds them on its way instead of waiting on
+// memory. Into L2, not L1: the tile's panels and the next do not fit L1 together, and the
+// current ones are read again by the other row groups.
+struct TileArgs {
+  const float* x_kr;  // [depth, 6]
+  const float* w_kc;  // NP x [depth, 16], `stride` apart
+  int64_t stride, depth;
+  float* c_rc;
+  int64_t ldc;
+  bool first;
+  const float* next_kc;
+  int64_t next_panels;
+};
+
+static_assert(kTilePanels <= 2, "FetchNext asks for at most two panels");
+inline void FetchNext(const TileArgs& a, int64_t k) {
+  if (a.next_panels > 0) __builtin_prefetch(a.next_kc + k * kCols, 0, 2);  // into L2
+  if (a.next_panels > 1) __builtin_prefetch(a.next_kc + a.stride + k * kCols, 0, 2);
+}
+
+#if defined(__AVX512F__)
+template <int R, int NP>
+void Tile(const TileArgs& a) {
+  __m512 acc[NP][R];
+#pragma GCC unroll 12
+  for (int i = 0; i < NP * R; ++i) acc[i / R][i % R] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < a.depth; ++k) {
+    FetchNext(a, k);
+    __m512 w[NP];
+#pragma GCC unroll 2
+    for (int j = 0; j < NP; ++j) w[j] = _mm512_loadu_ps(a.w_kc + j * a.stride + k * kCols);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a.x_kr[k * kRows + r]);
+#pragma GCC unroll 2
+      for (int j = 0; j < NP; ++j) acc[j][r] = _mm512_fmadd_ps(x, w[j], acc[j][r]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < NP * R; ++i) {
+    float* c = a.c_rc + (i % R) * a.ldc + (i / R) * kCols;
+    __m512 sum = acc[i / R][i % R];
+    if (!a.first) sum = _mm512_add_ps(sum, _mm512_loadu_ps(c));
+    _mm512_storeu_ps(c, sum);
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+template <int R, int NP>
+void Tile(const TileArgs& a) {
+  static_assert(NP == 1, "the AVX2 tile is one panel wide");
   __m256 lo[R], hi[R];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
 #pragma GCC unroll 4
-  for (int64_t k = 0; k < depth; ++k) {
-    if (next_kc != nullptr) {
-      _mm_prefetch(reinterpret_cast<const char*>(next_kc + k * kCols), _MM_HINT_T1);
-    }
-    const __m256 w_lo = _mm256_loadu_ps(w_kc + k * kCols);
-    const __m256 w_hi = _mm256_loadu_ps(w_kc + k * kCols + 8);
+  for (int64_t k = 0; k < a.depth; ++k) {
+    FetchNext(a, k);
+    const __m256 w_lo = _mm256_loadu_ps(a.w_kc + k * kCols);
+    const __m256 w_hi = _mm256_loadu_ps(a.w_kc + k * kCols + 8);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      const __m256 x = _mm256_broadcast_ss(x_kr + k * kRows + r);
+      const __m256 x = _mm256_broadcast_ss(a.x_kr + k * kRows + r);
       lo[r] = _mm256_fmadd_ps(x, w_lo, lo[r]);
       hi[r] = _mm256_fmadd_ps(x, w_hi, hi[r]);
     }
   }
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
-    float* c = c_rc + r * ldc;
-    if (!first) {
+    float* c = a.c_rc + r * a.ldc;
+    if (!a.first) {
       lo[r] = _mm256_add_ps(lo[r], _mm256_loadu_ps(c));
       hi[r] = _mm256_add_ps(hi[r], _mm256_loadu_ps(c + 8));
     }
@@ -82,53 +134,87 @@ void Tile(const float* x_kr, const float* w_kc, int64_t depth, float* c_rc, int6
   }
 }
 #else
-template <int R>
-void Tile(const float* x_kr, const float* w_kc, int64_t depth, float* c_rc, int64_t ldc,
-          bool first, const float* /*next_kc*/) {
-  float acc[R][kCols] = {};
-  for (int64_t k = 0; k < depth; ++k) {
-    for (int r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < kCols; ++c) acc[r][c] += x_kr[k * kRows + r] * w_kc[k * kCols + c];
+template <int R, int NP>
+void Tile(const TileArgs& a) {
+  float acc[NP][R][kCols] = {};
+  for (int64_t k = 0; k < a.depth; ++k) {
+    for (int j = 0; j < NP; ++j) {
+      const float* w = a.w_kc + j * a.stride + k * kCols;
+      for (int r = 0; r < R; ++r) {
+        for (int64_t c = 0; c < kCols; ++c) acc[j][r][c] += a.x_kr[k * kRows + r] * w[c];
+      }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int64_t c = 0; c < kCols; ++c) c_rc[r * ldc + c] = first ? acc[r][c] : c_rc[r * ldc + c] + acc[r][c];
+  for (int j = 0; j < NP; ++j) {
+    for (int r = 0; r < R; ++r) {
+      float* c_out = a.c_rc + r * a.ldc + j * kCols;
+      for (int64_t c = 0; c < kCols; ++c) c_out[c] = a.first ? acc[j][r][c] : c_out[c] + acc[j][r][c];
+    }
   }
 }
 #endif
 
-using TileFn = void (*)(const float*, const float*, int64_t, float*, int64_t, bool,
-                       const float*);
-constexpr TileFn kTiles[kRows + 1] = {nullptr, Tile<1>, Tile<2>, Tile<3>, Tile<4>, Tile<5>, Tile<6>};
+using TileFn = void (*)(const TileArgs&);
+template <int NP>
+constexpr TileFn kTiles[kRows + 1] = {nullptr,      Tile<1, NP>, Tile<2, NP>, Tile<3, NP>,
+                                      Tile<4, NP>, Tile<5, NP>, Tile<6, NP>};
 
-// An item is a run of consecutive panels; panel p of the output: tiles written in place, or
-// through a 6 x 16 scratch tile when the panel is the last and N leaves it partial. While the
-// first row group of a panel runs, the next panel of the run is fetched.
+// kTiles<np>[rows], for np <= kTilePanels.
+TileFn TileFor(int64_t rows, int64_t np) {
+#if defined(__AVX512F__)
+  if (np == 2) return kTiles<2>[rows];
+#endif
+  return kTiles<1>[rows];
+}
+
+// An item is a run of consecutive panels, taken kTilePanels at a time (fewer at the run's end
+// and for the last panel when N leaves it partial); tiles are written in place, or through a
+// 6 x 16 scratch tile for a partial panel. While the first row group of a tile runs, the
+// next tile's panels are fetched.
 struct PanelTask {
   Problem p;
   std::vector<float> x_gkr;  // [G, K, 6], rows past M are 0
   int64_t run;               // panels an item
 
-  void Run(int64_t item) const {
-    const int64_t end = std::min(p.P, (item + 1) * run);
-    for (int64_t panel = item * run; panel < end; ++panel) RunPanel(panel, panel + 1 < end);
+  // Panels from `panel` in one tile: up to kTilePanels, within [panel, end), full ones
+  // together, a partial one alone.
+  int64_t TilePanels(int64_t panel, int64_t end) const {
+    const int64_t full = p.N / kCols;
+    return std::max<int64_t>(1, std::min({kTilePanels, end - panel, full - panel}));
   }
 
-  void RunPanel(int64_t panel, bool fetch_next) const {
-    const int64_t col0 = panel * kCols, cols = std::min(kCols, p.N - col0);
-    const float* w_kc = p.w_pkc + panel * p.K * kCols;
+  void Run(int64_t item) const {
+    const int64_t end = std::min(p.P, (item + 1) * run);
+    for (int64_t panel = item * run; panel < end;) {
+      const int64_t np = TilePanels(panel, end), next = panel + np;
+      RunTile(panel, np, next < end ? TilePanels(next, end) : 0);
+      panel = next;
+    }
+  }
+
+  void RunTile(int64_t panel, int64_t np, int64_t next_panels) const {
+    const int64_t col0 = panel * kCols, cols = std::min(np * kCols, p.N - col0);
+    const int64_t stride = p.K * kCols;
+    const float* w_kc = p.w_pkc + panel * stride;
     float scratch[kRows * kCols];
     for (int64_t row0 = 0; row0 < p.M; row0 += kRows) {
       const int64_t rows = std::min(kRows, p.M - row0);
-      const float* x_kr = x_gkr.data() + row0 * p.K;  // group row0 / 6
-      float* c_rc = cols == kCols ? p.out + row0 * p.N + col0 : scratch;
-      const int64_t ldc = cols == kCols ? p.N : kCols;
-      const float* next_kc = fetch_next && row0 == 0 ? w_kc + p.K * kCols : nullptr;
+      const bool in_place = cols == np * kCols;  // a partial panel is alone (np == 1)
+      TileArgs a{x_gkr.data() + row0 * p.K,  // group row0 / 6
+                 w_kc, stride, 0,
+                 in_place ? p.out + row0 * p.N + col0 : scratch,
+                 in_place ? p.N : kCols, true, nullptr,
+                 row0 == 0 ? next_panels : 0};
+      const TileFn tile = TileFor(rows, np);
       for (int64_t k0 = 0; k0 < p.K; k0 += kDepth) {
-        kTiles[rows](x_kr + k0 * kRows, w_kc + k0 * kCols, std::min(kDepth, p.K - k0), c_rc, ldc,
-                     k0 == 0, next_kc == nullptr ? nullptr : next_kc + k0 * kCols);
+        a.x_kr = x_gkr.data() + row0 * p.K + k0 * kRows;
+        a.w_kc = w_kc + k0 * kCols;
+        a.depth = std::min(kDepth, p.K - k0);
+        a.first = k0 == 0;
+        a.next_kc = w_kc + np * stride + k0 * kCols;
+        tile(a);
       }
-      if (cols < kCols) {
+      if (!in_place) {
         for (int64_t r = 0; r < rows; ++r) {
           std::memcpy(p.out + (row0 + r) * p.N + col0, scratch + r * kCols, cols * sizeof(float));
         }
@@ -186,9 +272,11 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   } else {
     for (int64_t g = 0; g < groups; ++g) pack.Run(g);
   }
-  // About 8 runs a thread: enough to even out, long enough for the next-panel fetch to pay.
+  // About 8 runs a thread: enough to even out, long enough for the next tile's fetch to pay;
+  // a whole number of tiles.
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t run = std::max<int64_t>(1, P / (8 * workers));
+  const int64_t tiles = std::max<int64_t>(1, P / (8 * workers * kTilePanels));
+  const int64_t run = tiles * kTilePanels;
   const Problem problem{w.typed_data(), out->typed_data(), M, K, N, P};
   ligerjax::ShareOut(pool, (P + run - 1) / run, PanelTask{problem, std::move(x_gkr), run});
   return ffi::Error::Success();
