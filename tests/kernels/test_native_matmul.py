@@ -159,5 +159,3 @@ def test_the_avx512_and_avx2_tiles_agree_bit_for_bit(rng, tmp_path):
         out = call_target(avx512, x_mk, w_kn, M)
         np.testing.assert_array_equal(out, call_target(avx2, x_mk, w_kn, M))
         assert_close(out, f64_product(x_mk, w_kn), K)
-
-
