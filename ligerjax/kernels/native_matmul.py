@@ -3,9 +3,10 @@
 XLA:CPU's GEMM copies (packs) the whole ``[K, N]`` weight matrix on every call, so the skinny
 products of decode steps (8–64 rows) cost 2–3× the time it takes to read the weights once.
 Here a weight is packed once, when it is loaded, into column panels ``w_pkc [P, K, 16]``
-(:func:`pack_weight`); ``native/packed_matmul.cc`` streams each panel in order through a
-6 × 16 AVX2 register tile, panels shared out over XLA's intra-op threads
-(docs/BENCHMARKS.md, "packed matmul").
+(:func:`pack_weight`); ``native/packed_matmul.cc`` streams the panels in order through a
+6-row register tile, two panels wide (6 × 32) where the CPU has AVX-512 and one (6 × 16) with
+AVX2, panels shared out over XLA's intra-op threads (docs/BENCHMARKS.md, "packed matmul").
+Both tiles do each element's arithmetic in the same order: their results are equal bit for bit.
 
 Every output element is summed in one fixed order whatever the number of rows, so a row's
 result does not depend on the rest of the batch (the engine's determinism rests on it).
