@@ -152,9 +152,11 @@ def test_the_avx512_and_avx2_tiles_agree_bit_for_bit(rng, tmp_path):
         (*PORTABLE_FLAGS, "-mavx512f", "-mavx2", "-mfma"),
         "ligerjax_test_avx512_packed_matmul",
     )
-    # panel pairs, a lone full panel and a partial one; depths across blocks; every row count
-    # of the last row group
-    for M, K, N in [(64, 600, 40), (13, 300, 7 * 16 + 3), (1, 576, 192), (11, 1536, 64)]:
+    # panel pairs, a lone full panel (48 = three panels) and a partial one; depths within and
+    # across blocks; last row groups of 4, 1, 2, 3, 5 and 6 rows
+    cases = [(64, 600, 40), (13, 300, 7 * 16 + 3), (2, 576, 192), (9, 1536, 64), (11, 40, 33),
+             (12, 257, 48)]  # fmt: skip
+    for M, K, N in cases:
         x_mk, w_kn = operands(rng, M, K, N)
         out = call_target(avx512, x_mk, w_kn, M)
         np.testing.assert_array_equal(out, call_target(avx2, x_mk, w_kn, M))
