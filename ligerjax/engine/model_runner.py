@@ -232,16 +232,23 @@ class ModelRunner:
 
     def warm_up(self, buckets: Sequence[int] | None = None) -> None:
         """Compile the step for ``buckets`` (default: every token bucket) on dummy inputs,
-        and the greedy sampler for every row bucket up to ``max_num_seqs``."""
+        the greedy sampler for every row bucket up to ``max_num_seqs``, and the picking of
+        the sampled rows' logits out of every step's (a prefix or a gather)."""
         for T in buckets or self.config.token_buckets():
             jax.block_until_ready(self._run_step(self._empty_batch(T)))
         row = SamplingRow(SamplingParams(temperature=0.0), 0, (), ())
-        pow2 = (1 << i for i in range(_pow2(self.config.max_num_seqs).bit_length()))
-        seqs = (self.config.seq_bucket(T) for T in self.config.token_buckets())
-        for R in sorted(set(pow2) | set(seqs)):
+        pow2 = {1 << i for i in range(_pow2(self.config.max_num_seqs).bit_length())}
+        seqs = {self.config.seq_bucket(T) for T in self.config.token_buckets()}
+        for R in sorted(pow2 | seqs):
             batch, flags = make_batch([row] * R, self.vocab_size, R)
             logits_rv = jnp.zeros((R, self.vocab_size), jnp.float32)
             jax.block_until_ready(sample(logits_rv, batch, flags=flags))
+        # The two ways _pick_rows takes the sampled rows' logits out of a step's.
+        for B in sorted(seqs):
+            logits_bv = jnp.zeros((B, self.vocab_size), jnp.float32)
+            for R in sorted({r for r in pow2 if r <= B} | {B}):  # sample_bucket's choices
+                jax.block_until_ready(logits_bv[np.zeros(R, np.int32)])  # a gather
+                jax.block_until_ready(logits_bv[:R])  # a prefix
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         if out.swap_out or out.swap_in:

@@ -64,3 +64,34 @@ def test_count_compiles_sees_a_compilation():
     with count_compiles() as compiles:
         jax.jit(lambda x: x * 3 + 1)(jax.numpy.arange(7.0)).block_until_ready()
     assert len(compiles) >= 1
+
+
+def test_a_greedy_workload_after_warm_up_compiles_nothing():
+    """Prefill chunks of several lengths, decodes, requests finishing at different steps:
+    every shape was compiled by ``warm_up``, the sampled rows' logits included."""
+    cfg = models.LlamaConfig.preset("tiny")
+    engine = LLMEngine(
+        models.Llama(cfg, rngs=nnx.Rngs(0)),
+        cfg,
+        SchedulerConfig(
+            max_num_seqs=8,
+            max_num_batched_tokens=64,
+            max_model_len=128,
+            block_size=4,
+            num_blocks=160,
+        ),
+    )
+    engine.runner.warm_up()
+    with count_compiles() as compiles:
+        for i, (prompt_len, max_tokens) in enumerate(
+            [(3, 20), (50, 5), (17, 12), (90, 3), (1, 30), (33, 8), (64, 2), (9, 15), (5, 1)]
+        ):
+            prompt = [1 + (i * 7 + j) % 50 for j in range(prompt_len)]
+            sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            engine.add_request(f"r{i}", prompt, sp)
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+    assert steps > 10
+    assert compiles == []
