@@ -1,4 +1,5 @@
-"""Steady-state decode compiles nothing: the step's shapes come from a few token buckets."""
+"""Steady-state decode compiles nothing: the step's shapes come from a few token buckets; and
+after `warm_up`, neither does a whole greedy workload (prefills, decodes, finishing requests)."""
 
 from __future__ import annotations
 
