@@ -1,11 +1,12 @@
 """Building and loading the C++ CPU kernels (XLA FFI custom calls) in ``native/``.
 
 Each kernel is one source file (plus the shared headers beside it), compiled on first use
-with the host's C++ compiler (``$CXX``, else ``c++``) for this CPU (``-march=native``) into
-``$LIGERJAX_CACHE_DIR`` (default ``~/.cache/ligerjax``) under a name that hashes the sources,
-flags, compiler, jaxlib and the CPU's features, then registered with XLA for the CPU platform.
-``LIGERJAX_NATIVE=0`` turns every kernel off; where one cannot be built, :func:`load_kernel`
-says why and its caller keeps the XLA path.
+with the host's C++ compiler (``$CXX``, else ``c++``) for this CPU (``-march=native``; other
+target flags from ``$LIGERJAX_NATIVE_ARCH``, e.g. ``"-mavx2 -mfma"`` for the AVX2 code paths
+on an AVX-512 host) into ``$LIGERJAX_CACHE_DIR`` (default ``~/.cache/ligerjax``) under a
+name that hashes the sources, flags, compiler, jaxlib and the CPU's features, then
+registered with XLA for the CPU platform. ``LIGERJAX_NATIVE=0`` turns every kernel off; where
+one cannot be built, :func:`load_kernel` says why and its caller keeps the XLA path.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ import jaxlib
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "native"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+NATIVE_ARCH = "-march=native"
+FLAGS = ("-O3", NATIVE_ARCH, "-std=c++17", "-shared", "-fPIC", "-w")
 DISABLE_ENV = "LIGERJAX_NATIVE"
 CACHE_ENV = "LIGERJAX_CACHE_DIR"
+ARCH_ENV = "LIGERJAX_NATIVE_ARCH"  # target flags in place of -march=native
 
 __all__ = [
+    "ARCH_ENV",
     "CACHE_ENV",
     "DISABLE_ENV",
     "FLAGS",
@@ -54,8 +58,11 @@ class NativeBuild:
 
     @classmethod
     def from_environment(cls, source: Path) -> NativeBuild:
+        """The build ``$CXX``, ``$LIGERJAX_CACHE_DIR`` and ``$LIGERJAX_NATIVE_ARCH`` ask for."""
         cache = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ligerjax"
-        return cls(source, os.environ.get("CXX") or "c++", Path(cache) / "native")
+        arch = (os.environ.get(ARCH_ENV) or NATIVE_ARCH).split()
+        flags = tuple(f for g in FLAGS for f in (arch if g == NATIVE_ARCH else [g]))
+        return cls(source, os.environ.get("CXX") or "c++", Path(cache) / "native", flags)
 
     def library_path(self) -> Path:
         """The library's path in the cache: one per sources, flags, compiler, jaxlib and CPU."""
