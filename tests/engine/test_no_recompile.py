@@ -33,19 +33,21 @@ def count_compiles() -> Iterator[list[float]]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def test_decode_steps_after_warm_up_compile_nothing():
+def tiny_engine(num_blocks: int) -> LLMEngine:
+    """The tiny Llama: up to 8 sequences, 64-token steps, 4-token blocks."""
     cfg = models.LlamaConfig.preset("tiny")
-    engine = LLMEngine(
-        models.Llama(cfg, rngs=nnx.Rngs(0)),
-        cfg,
-        SchedulerConfig(
-            max_num_seqs=8,
-            max_num_batched_tokens=64,
-            max_model_len=128,
-            block_size=4,
-            num_blocks=96,
-        ),
+    scheduler = SchedulerConfig(
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        max_model_len=128,
+        block_size=4,
+        num_blocks=num_blocks,
     )
+    return LLMEngine(models.Llama(cfg, rngs=nnx.Rngs(0)), cfg, scheduler)
+
+
+def test_decode_steps_after_warm_up_compile_nothing():
+    engine = tiny_engine(num_blocks=96)
     sp = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
     for i in range(4):
         engine.add_request(f"r{i}", [1 + i, 2, 3, 4, 5, 6, 7], sp)
@@ -70,18 +72,7 @@ def test_count_compiles_sees_a_compilation():
 def test_a_greedy_workload_after_warm_up_compiles_nothing():
     """Prefill chunks of several lengths, decodes, requests finishing at different steps:
     every shape was compiled by ``warm_up``, the sampled rows' logits included."""
-    cfg = models.LlamaConfig.preset("tiny")
-    engine = LLMEngine(
-        models.Llama(cfg, rngs=nnx.Rngs(0)),
-        cfg,
-        SchedulerConfig(
-            max_num_seqs=8,
-            max_num_batched_tokens=64,
-            max_model_len=128,
-            block_size=4,
-            num_blocks=160,
-        ),
-    )
+    engine = tiny_engine(num_blocks=160)
     engine.runner.warm_up()
     with count_compiles() as compiles:
         for i, (prompt_len, max_tokens) in enumerate(
