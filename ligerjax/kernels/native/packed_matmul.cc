@@ -197,23 +197,17 @@ struct PanelTask {
     const int64_t col0 = panel * kCols, cols = std::min(np * kCols, p.N - col0);
     const int64_t stride = p.K * kCols;
     const float* w_kc = p.w_pkc + panel * stride;
+    const bool in_place = cols == np * kCols;  // a partial panel is alone (np == 1)
     float scratch[kRows * kCols];
     for (int64_t row0 = 0; row0 < p.M; row0 += kRows) {
       const int64_t rows = std::min(kRows, p.M - row0);
-      const bool in_place = cols == np * kCols;  // a partial panel is alone (np == 1)
-      TileArgs a{x_gkr.data() + row0 * p.K,  // group row0 / 6
-                 w_kc, stride, 0,
-                 in_place ? p.out + row0 * p.N + col0 : scratch,
-                 in_place ? p.N : kCols, true, nullptr,
-                 row0 == 0 ? next_panels : 0};
+      const float* x_kr = x_gkr.data() + row0 * p.K;  // group row0 / 6
+      float* c_rc = in_place ? p.out + row0 * p.N + col0 : scratch;
       const TileFn tile = TileFor(rows, np);
       for (int64_t k0 = 0; k0 < p.K; k0 += kDepth) {
-        a.x_kr = x_gkr.data() + row0 * p.K + k0 * kRows;
-        a.w_kc = w_kc + k0 * kCols;
-        a.depth = std::min(kDepth, p.K - k0);
-        a.first = k0 == 0;
-        a.next_kc = w_kc + np * stride + k0 * kCols;
-        tile(a);
+        tile({x_kr + k0 * kRows, w_kc + k0 * kCols, stride, std::min(kDepth, p.K - k0), c_rc,
+              in_place ? p.N : kCols, k0 == 0, w_kc + np * stride + k0 * kCols,
+              row0 == 0 ? next_panels : 0});
       }
       if (!in_place) {
         for (int64_t r = 0; r < rows; ++r) {
