@@ -28,7 +28,7 @@ TP = 3
 QUESTIONS = [
     "What is the capital of France?",
     "Write a Python function that reverses a string.",
-    "List three uses of a paperclip.",
+    "Name three primary colors.",
     "Explain in one sentence why the sky is blue.",
 ]
 
