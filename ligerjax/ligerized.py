@@ -418,8 +418,11 @@ class PipelinePair:
 
     The pipeline pass cuts one chain of layers; the two batches are two chains, so each gets
     its own stage program (the cut may differ with the shapes) and one ``jax.jit`` runs
-    both: XLA's scheduler then overlaps one batch's collective-permutes with the other's
-    stage compute. The emit pass's barrier ties are for tensor parallelism only.
+    both, leaving the overlap to XLA's scheduler: compiled for GPUs it makes most of one
+    batch's collective-permutes async around the other's stage compute, but its permute
+    combiner may merge the two batches' hops, and no latency budget bounds a window
+    (docs/BENCHMARKS.md, "Pipeline parallelism, read back"). The planner and the emit pass's
+    barrier ties are for tensor parallelism only.
     """
 
     def __init__(self, primary: Any, secondary: Any) -> None:
