@@ -248,7 +248,8 @@ class ModelRunner:
             logits_bv = jnp.zeros((B, self.vocab_size), jnp.float32)
             for R in sorted({r for r in pow2 if r <= B} | {B}):  # sample_bucket's choices
                 jax.block_until_ready(logits_bv[np.zeros(R, np.int32)])  # a gather
-                jax.block_until_ready(logits_bv[:R])  # a prefix
+                if R < B:  # all B rows are taken as they are
+                    jax.block_until_ready(logits_bv[:R])  # a prefix
 
     def _move_blocks(self, out: SchedulerOutput) -> None:
         if out.swap_out or out.swap_in:

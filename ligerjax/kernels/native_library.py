@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ __all__ = [
     "SOURCE_DIR",
     "NativeBuild",
     "cpu_flags",
+    "flags_for",
     "load_kernel",
 ]
 
@@ -60,8 +62,7 @@ class NativeBuild:
     def from_environment(cls, source: Path) -> NativeBuild:
         """The build ``$CXX``, ``$LIGERJAX_CACHE_DIR`` and ``$LIGERJAX_NATIVE_ARCH`` ask for."""
         cache = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ligerjax"
-        arch = (os.environ.get(ARCH_ENV) or NATIVE_ARCH).split()
-        flags = tuple(f for g in FLAGS for f in (arch if g == NATIVE_ARCH else [g]))
+        flags = flags_for((os.environ.get(ARCH_ENV) or NATIVE_ARCH).split())
         return cls(source, os.environ.get("CXX") or "c++", Path(cache) / "native", flags)
 
     def library_path(self) -> Path:
@@ -94,6 +95,12 @@ class NativeBuild:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
             os.replace(out, path)
         return path
+
+
+def flags_for(arch: Sequence[str]) -> tuple[str, ...]:
+    """:data:`FLAGS` with the target ``arch`` (e.g. ``("-mavx2", "-mfma")``; none: the
+    compiler's portable default) in place of ``-march=native``."""
+    return tuple(f for g in FLAGS for f in (arch if g == NATIVE_ARCH else [g]))
 
 
 def cpu_flags() -> str:

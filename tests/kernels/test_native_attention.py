@@ -16,7 +16,7 @@ import pytest
 from ligerjax.kernels import dispatch, paged_attention_reference, ragged_paged_attention_reference
 from ligerjax.kernels import native_attention as native
 from ligerjax.kernels.native_attention import native_paged_attention, native_ragged_paged_attention
-from ligerjax.kernels.native_library import FLAGS, NativeBuild, load_kernel
+from ligerjax.kernels.native_library import NativeBuild, flags_for, load_kernel
 
 pytestmark = pytest.mark.skipif(
     not native.native_available(), reason=f"{native.native_unavailable_reason()}"
@@ -182,7 +182,7 @@ def test_a_changed_header_beside_the_source_rebuilds(tmp_path):
 
 
 def test_the_portable_build_without_avx2_is_exact_too(rng, tmp_path):
-    flags = tuple(f for f in FLAGS if f != "-march=native")
+    flags = flags_for(())
     library = ctypes.CDLL(str(NativeBuild(native.SOURCE, "c++", tmp_path, flags=flags).build()))
     target = "ligerjax_test_portable_ragged_paged_attention"
     handler = jax.ffi.pycapsule(library.LigerjaxRaggedPagedAttention)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ligerjax.kernels import native_matmul as nm
-from ligerjax.kernels.native_library import FLAGS, NativeBuild, cpu_flags
+from ligerjax.kernels.native_library import NativeBuild, cpu_flags, flags_for
 from ligerjax.kernels.native_matmul import (
     native_packed_matmul,
     pack_weight,
@@ -130,11 +130,8 @@ def call_target(target, x_mk, w_kn, live_rows) -> np.ndarray:
     return np.asarray(call(x_mk, pack_weight(w_kn), jnp.int32(live_rows)))
 
 
-PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
-
-
 def test_the_portable_build_without_avx2_matches_too(rng, tmp_path):
-    target = build_and_register(tmp_path, PORTABLE_FLAGS, "ligerjax_test_portable_packed_matmul")
+    target = build_and_register(tmp_path, flags_for(()), "ligerjax_test_portable_packed_matmul")
     for M, K, N in [(7, 300, 37), (1, 16, 16), (6, 40, 80)]:
         x_mk, w_kn = operands(rng, M, K, N)
         out = call_target(target, x_mk, w_kn, M - 1)
@@ -145,11 +142,11 @@ def test_the_portable_build_without_avx2_matches_too(rng, tmp_path):
 @pytest.mark.skipif("avx512f" not in cpu_flags().split(), reason="the host has no AVX-512")
 def test_the_avx512_and_avx2_tiles_agree_bit_for_bit(rng, tmp_path):
     avx2 = build_and_register(
-        tmp_path / "avx2", (*PORTABLE_FLAGS, "-mavx2", "-mfma"), "ligerjax_test_avx2_packed_matmul"
+        tmp_path / "avx2", flags_for(("-mavx2", "-mfma")), "ligerjax_test_avx2_packed_matmul"
     )
     avx512 = build_and_register(
         tmp_path / "avx512",
-        (*PORTABLE_FLAGS, "-mavx512f", "-mavx2", "-mfma"),
+        flags_for(("-mavx512f", "-mavx2", "-mfma")),
         "ligerjax_test_avx512_packed_matmul",
     )
     # panel pairs, a lone full panel (48 = three panels) and a partial one; depths within and
