@@ -12,6 +12,7 @@ from collections.abc import Sequence
 # one fixed-format result line (`bench=NAME key=value ...`).
 BENCHMARKS: dict[str, str] = {
     "attention": "ligerjax.bench.attention",
+    "contention": "ligerjax.bench.contention",
     "generate": "ligerjax.bench.generate",
     "interleave": "ligerjax.bench.interleave",
     "liger-headline": "ligerjax.bench.liger_headline",

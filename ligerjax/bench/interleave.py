@@ -18,9 +18,6 @@ Models: ``smollm2`` (SmolLM2-135M's shape, TP=3: its 9 heads / 3 KV heads) and `
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -28,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
+from ligerjax.bench import rerun_with_cpu_devices
 from ligerjax.cost.cost_model import Contention, CostModel
 from ligerjax.schedule import FunctionVector, interleave_greedy, simulate
 from passes.interleave import planner_config
@@ -129,11 +127,8 @@ def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
 
 def run(args: argparse.Namespace) -> int:
     need = 0 if args.no_cpu_compile or "smollm2" not in args.models else 3
-    if jax.device_count() < need:  # the CPU compile needs 3 devices: JAX reads XLA_FLAGS once
-        env = dict(os.environ)
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-        cmd = [sys.executable, "-m", "ligerjax.cli", "bench", "interleave", *sys.argv[3:]]
-        return subprocess.call(cmd, env=env)
+    if jax.device_count() < need:  # the CPU compile needs 3 devices
+        return rerun_with_cpu_devices("interleave")
     from ligerjax.ligerized import PLAN_TARGETS
 
     contention = None if args.contention is None else Contention(args.contention, args.contention)

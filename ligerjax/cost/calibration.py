@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ligerjax.cost.cost_model import Contention, CostModel
-from ligerjax.cost.device_spec import DeviceSpec, dtype_name, get_device
+from ligerjax.cost.device_spec import DeviceSpec, dtype_itemsize, dtype_name, get_device
 
 log = logging.getLogger(__name__)
 
@@ -159,39 +159,47 @@ def _build(case: CalibrationCase, dtype: str) -> tuple[Callable[..., Any], tuple
     return jax.jit(jnp.add), (x, y)
 
 
-def _timer(case: CalibrationCase, dtype: str) -> Callable[[], float]:
-    """Compile and warm ``case`` up; return a function timing one loop of it (s per call)."""
-    fn, args = _build(case, dtype)
-    fn(*args).block_until_ready()  # compile and warm up
+def loop_timer(fn: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[], float]:
+    """Warm ``fn(*args)`` up (compiling it); return a function timing one loop of calls
+    (seconds per call), the loop long enough (>= ~2 ms) to read the clock reliably."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
     start = time.perf_counter()
-    fn(*args).block_until_ready()
+    jax.block_until_ready(fn(*args))
     once = max(time.perf_counter() - start, 1e-7)
-    inner = max(1, min(1000, int(2e-3 / once)))  # loops of >= ~2 ms
+    inner = max(1, min(1000, int(2e-3 / once)))
 
     def loop() -> float:
         start = time.perf_counter()
         for _ in range(inner):
             out = fn(*args)
-        out.block_until_ready()
+        jax.block_until_ready(out)
         return (time.perf_counter() - start) / inner
 
     return loop
 
 
+def best_round_robin(loops: Sequence[Callable[[], float]], repeats: int) -> tuple[float, ...]:
+    """Best of ``repeats`` rounds per loop, one run of each loop per round, so a burst of
+    load from other processes on a shared machine hits every loop alike instead of one
+    loop's whole series."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: must be >= 1")
+    best = [float("inf")] * len(loops)
+    for _ in range(repeats):
+        for i, loop in enumerate(loops):
+            best[i] = min(best[i], loop())
+    return tuple(best)
+
+
 def measure_all(
     cases: Sequence[CalibrationCase], *, dtype: Any = "float32", repeats: int = 5
 ) -> tuple[float, ...]:
-    """Best-of-``repeats`` seconds per call of each case. The cases are timed round-robin,
-    one loop each per round, so a burst of load from other processes on a shared machine
-    hits every case alike instead of one case's whole series."""
-    if repeats < 1:
-        raise ValueError(f"repeats={repeats}: must be >= 1")
-    timers = [_timer(case, dtype_name(dtype)) for case in cases]
-    best = [float("inf")] * len(timers)
-    for _ in range(repeats):
-        for i, loop in enumerate(timers):
-            best[i] = min(best[i], loop())
-    return tuple(best)
+    """Best-of-``repeats`` seconds per call of each case, timed round-robin
+    (:func:`best_round_robin`)."""
+    loops = [loop_timer(*_build(case, dtype_name(dtype))) for case in cases]
+    return best_round_robin(loops, repeats)
 
 
 def measure(case: CalibrationCase, *, dtype: Any = "float32", repeats: int = 5) -> float:
@@ -229,7 +237,7 @@ def calibrate(
         if need not in kinds:
             raise ValueError(f"cases: need at least one {need!r} case (got {kinds})")
     dtype = dtype_name(dtype)
-    itemsize = _itemsize(dtype)
+    itemsize = dtype_itemsize(dtype)
     if measured is None:
         times = list(measure_all(cases, dtype=dtype, repeats=repeats))
     else:
@@ -272,14 +280,3 @@ def calibrate(
     report = CalibrationReport(fitted, rows)
     log.info("calibration of %s:\n%s", spec.name, report.format())
     return report
-
-
-def _itemsize(dtype: str) -> int:
-    import numpy as np
-
-    try:
-        return int(np.dtype(dtype).itemsize)
-    except TypeError:
-        import ml_dtypes  # noqa: F401  (registers bfloat16 and float8 with NumPy)
-
-        return int(np.dtype(dtype).itemsize)

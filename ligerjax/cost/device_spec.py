@@ -53,6 +53,17 @@ def dtype_name(dtype: Any) -> str:
         raise ValueError(f"dtype={dtype!r}: not a dtype") from err
 
 
+def dtype_itemsize(dtype: Any) -> int:
+    """Bytes per element of ``dtype`` (bfloat16 and the float8s included)."""
+    name = dtype_name(dtype)
+    try:
+        return int(np.dtype(name).itemsize)
+    except TypeError:
+        import ml_dtypes  # noqa: F401  (registers bfloat16 and float8 with NumPy)
+
+        return int(np.dtype(name).itemsize)
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """One accelerator (or this machine's CPU) as the cost model sees it.

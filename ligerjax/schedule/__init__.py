@@ -21,6 +21,7 @@ from ligerjax.schedule.interleave import (
     WindowFill,
     interleave_greedy,
     plan_liger,
+    throughput_bound,
 )
 from ligerjax.schedule.timeline import OpRecord, OpRef, Schedule, Timeline, simulate
 
@@ -46,4 +47,5 @@ __all__ = [
     "plan_liger",
     "simulate",
     "split_op",
+    "throughput_bound",
 ]

@@ -224,6 +224,28 @@ def _most_used(delay_s: float, budget: float, f: float) -> float:
     return delay_s + budget
 
 
+def throughput_bound(contention: Contention, max_inflation: float) -> float:
+    """The highest steady-state throughput ratio (primary plus the secondary work its
+    windows took, back to back, over the interleaved step) that any plan reaches when the
+    primary may take ``max_inflation`` longer than alone.
+
+    Secondary compute ``c`` hidden under a primary collective runs ``contention.compute``
+    times slower and slows the collective by ``contention.comm``: the primary is delayed
+    by ``compute * c * (1 - 1 / comm)``; a secondary collective under primary compute is
+    the mirror image. With ``g`` the work hidden per unit of delay (the better of the two)
+    and a delay of at most ``max_inflation`` of the primary, the ratio is at most
+    ``(1 + g * max_inflation) / (1 + max_inflation)``: ``(1 + 0.05 / 0.25) / 1.05 = 1.143``
+    at a 1.25 slowdown both ways and a 5% budget. Infinite when one kind overlaps for free.
+    """
+    if not max_inflation >= 0:
+        raise ValueError(f"max_inflation={max_inflation}: must be >= 0")
+    fc, fm = contention.compute, contention.comm
+    if fc == 1 or fm == 1:
+        return math.inf
+    hidden_per_delay = max(1 / (fc * (1 - 1 / fm)), 1 / (fm * (1 - 1 / fc)))
+    return max(1.0, (1 + hidden_per_delay * max_inflation) / (1 + max_inflation))
+
+
 def _resolve_contention(cost: CostModel | None, contention: Contention | None) -> Contention:
     if contention is not None:
         return contention

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from ligerjax.cost import Contention, CostModel
@@ -16,6 +18,7 @@ from ligerjax.schedule import (
     interleave_greedy,
     plan_liger,
     simulate,
+    throughput_bound,
 )
 from ligerjax.schedule.liger_workloads import GLM_130B, tp_vector
 
@@ -148,3 +151,43 @@ def test_an_oversized_op_takes_an_empty_window_only_within_the_delay_budget():
         config=InterleaveConfig(place_oversized=True, max_delay_s=0.4),
     )
     assert over_budget.windows[1].placed == ()
+
+
+@pytest.mark.parametrize(
+    ("compute", "comm", "bound"),
+    [(1.25, 1.25, 1.2 / 1.05), (1.15, 1.15, (1 + 0.05 / 0.15) / 1.05), (2.0, 2.0, 1.0)],
+)
+def test_throughput_bound_at_a_symmetric_slowdown(compute, comm, bound):
+    assert throughput_bound(Contention(compute, comm), 0.05) == pytest.approx(bound)
+
+
+def test_throughput_bound_is_infinite_when_one_kind_overlaps_for_free():
+    assert throughput_bound(Contention(compute=1.25, comm=1.0), 0.05) == math.inf
+    with pytest.raises(ValueError, match=r"max_inflation=-0\.1"):
+        throughput_bound(Contention(), -0.1)
+
+
+@pytest.mark.parametrize(
+    ("contention", "close"),
+    [
+        (Contention(1.25, 1.25), True),
+        (Contention(1.15, 1.15), True),
+        (Contention(1.4, 1.1), True),
+        # The bound's better route here hides secondary collectives; this secondary has none.
+        (Contention(1.1, 1.4), False),
+    ],
+)
+def test_no_plan_beats_the_throughput_bound_and_a_long_secondary_comes_close(contention, close):
+    from ligerjax.bench.interleave import steady_state
+
+    cost = CostModel.for_device("a100-pcie", contention)
+    primary = FunctionVector(tuple(op for i in range(8) for op in layer(f"p{i}").ops), name="p")
+    secondary = FunctionVector(
+        tuple(Op(f"s{i}", COMPUTE, duration_s=0.5, rows=64) for i in range(400)), name="s"
+    )
+    step, back_to_back, inflation = steady_state(primary, secondary, cost, 0.05)
+    bound = throughput_bound(contention, 0.05)
+    assert inflation <= 0.05 + 1e-9
+    assert back_to_back / step <= bound + 1e-9
+    if close:
+        assert back_to_back / step >= 1 + 0.9 * (bound - 1)
