@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,8 +38,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ligerjax.compiler import PassContext, PassManager, Traced, ir, trace_module
+from ligerjax.compiler.deviceless import run_options
 from ligerjax.compiler.pass_manager import dump_dir_of, dump_jaxpr
-from ligerjax.cost import CostModel
+from ligerjax.cost import CostModel, device_for_kind
 from ligerjax.plan import Schedule
 from ligerjax.schedule import Schedule as LaunchOrder
 from ligerjax.schedule import simulate
@@ -49,6 +51,8 @@ from passes.emit import PRIMARY_SCOPE, emit
 from passes.interleave import StepPlan, interleave
 from passes.pipeline import pipeline_pass
 from passes.tensor_parallel import TPProgram, tensor_parallel, tensor_parallel_pass
+
+log = logging.getLogger(__name__)
 
 Rules = tuple[tuple[str, int | None], ...]
 
@@ -269,9 +273,26 @@ def build_interleaved(
             in_specs=(*tp.weight_specs, *tp.arg_specs),
             out_specs=tp.out_specs,
             check_vma=False,
-        )
+        ),
+        compiler_options=run_options(mesh),
     )
     return InterleavedProgram(traced, tp, step, emitted.jaxpr, mesh, fn)
+
+
+def cost_model_for(mesh: jax.sharding.Mesh, fallback: str = "a100-sxm") -> CostModel:
+    """The cost model of ``mesh``'s devices (:func:`~ligerjax.cost.device_for_kind`); a
+    device no table describes is planned as ``fallback``, with a warning."""
+    kind = mesh.devices.flat[0].device_kind
+    name = device_for_kind(kind)
+    if name is None:
+        log.warning(
+            "no cost table for device kind %r: planning as %r; pass ligerize(cost_model=...) "
+            "built from a DeviceSpec of this device for plans that fit it",
+            kind,
+            fallback,
+        )
+        name = fallback
+    return CostModel.for_device(name)
 
 
 # -- the ligerized model ------------------------------------------------------------------
@@ -405,7 +426,7 @@ class Ligerized:
             return PipelinePair(self._one(primary_args), self._one(secondary_args))
         traced = self._trace_pair(primary_args, secondary_args)
         if c.passes is None:
-            cost = c.cost_model or CostModel.for_device("cpu")
+            cost = c.cost_model or cost_model_for(c.resolved_mesh())
             num_p = len(jax.tree_util.tree_leaves(primary_args))
             mesh = c.resolved_mesh()
             return build_interleaved(traced, num_p, c, mesh, cost, barriers=c.interleave)
@@ -434,7 +455,7 @@ class PipelinePair:
         def both(bp: Any, bs: Any, p_args: tuple, s_args: tuple) -> tuple[Any, Any]:
             return primary.run_packed(bp, *p_args), secondary.run_packed(bs, *s_args)
 
-        self._fn = jax.jit(both)
+        self._fn = jax.jit(both, compiler_options=run_options(primary.mesh))
 
     def __call__(
         self, weights: Sequence[jax.Array], primary_args: tuple, secondary_args: tuple

@@ -94,6 +94,13 @@ TARGETS: Mapping[str, Target] = MappingProxyType(
 )
 
 
+def run_options(mesh: Mesh) -> dict[str, FlagValue]:
+    """XLA options to run on ``mesh``'s own devices what :func:`compile_text` compiles for a
+    GPU target: the latency-hiding scheduler on GPUs (an A100 runs without it by default,
+    and then no collective encloses any compute), nothing on CPUs."""
+    return dict(_LHS) if mesh.devices.flat[0].platform == "gpu" else {}
+
+
 def get_target(target: str) -> Target:
     """``TARGETS[target]``; ``ValueError`` listing the known targets otherwise."""
     try:

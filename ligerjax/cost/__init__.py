@@ -11,7 +11,7 @@ from ligerjax.cost.cost_model import (
     nccl_env,
     nvidia_gpu_present,
 )
-from ligerjax.cost.device_spec import DEVICES, DeviceSpec, dtype_name, get_device
+from ligerjax.cost.device_spec import DEVICES, DeviceSpec, device_for_kind, dtype_name, get_device
 
 __all__ = [
     "COLLECTIVES",
@@ -22,6 +22,7 @@ __all__ = [
     "DeviceSpec",
     "apply_nccl_env",
     "calibrate",
+    "device_for_kind",
     "dtype_name",
     "get_device",
     "nccl_env",

@@ -268,6 +268,24 @@ DEVICES: Mapping[str, DeviceSpec] = MappingProxyType(
 )
 
 
+def device_for_kind(device_kind: str) -> str | None:
+    """The :data:`DEVICES` table of a JAX ``device_kind`` (``"NVIDIA H100 80GB HBM3"`` ->
+    ``"h100-sxm"``, ``"NVIDIA A100-PCIE-40GB"`` -> ``"a100-pcie"``, ``"cpu"`` -> ``"cpu"``);
+    ``None`` for a device no table describes (an H100 PCIe, an L4, a TPU...)."""
+    kind = device_kind.lower()
+    if kind == "cpu":
+        return "cpu"
+    if "h200" in kind:
+        return "h200"
+    if "h100" in kind and "pcie" not in kind:
+        return "h100-sxm"
+    if "a100" in kind:
+        return "a100-pcie" if "pcie" in kind else "a100-sxm"
+    if "v100" in kind and "pcie" not in kind:
+        return "v100-nvlink"
+    return None
+
+
 def get_device(name: str | DeviceSpec) -> DeviceSpec:
     """The spec called ``name`` in :data:`DEVICES` (a spec is returned as is)."""
     if isinstance(name, DeviceSpec):

@@ -18,6 +18,7 @@ from ligerjax.compiler.deviceless import (
     get_target,
     gpu_mesh,
     normalize_flags,
+    run_options,
     target_config_text,
     xla_flags_string,
 )
@@ -117,6 +118,24 @@ def test_gpu_meshes_build_from_the_target_configs(target, kind):
     assert all(kind in d.device_kind for d in mesh.devices.flat)
     with pytest.raises(ValueError, match="shape"):
         gpu_mesh(target, 4, ("dp", "tp"), shape=(2, 3))
+
+
+@pytest.mark.deviceless
+@pytest.mark.parametrize(("target", "table"), [("h100", "h100-sxm"), ("a100", "a100-sxm")])
+def test_running_on_gpus_turns_the_scheduler_on_and_plans_with_their_table(target, table):
+    from ligerjax.ligerized import cost_model_for
+
+    mesh = gpu_mesh(target, 2)
+    assert run_options(mesh) == {"xla_gpu_enable_latency_hiding_scheduler": True}
+    assert cost_model_for(mesh).device.name == table
+
+
+def test_running_on_cpus_needs_no_options_and_plans_with_the_cpu_table():
+    from ligerjax.ligerized import cost_model_for
+
+    mesh = cpu_mesh(2)
+    assert run_options(mesh) == {}
+    assert cost_model_for(mesh).device.name == "cpu"
 
 
 @pytest.mark.deviceless

@@ -155,3 +155,16 @@ def test_the_contention_bench_prints_one_result_line(capsys):
     if f > 1.01:  # the printed bound is of the unrounded factor
         bound = throughput_bound(Contention(f, f), 0.05)
         assert float(fields["throughput_bound"]) == pytest.approx(bound, abs=0.01)
+
+
+@pytest.mark.gpu
+def test_on_real_gpus_the_windows_overlap():
+    gpus = jax.devices("gpu")
+    if len(gpus) < 2:
+        pytest.skip(f"needs 2 GPUs to all-reduce between (this machine has {len(gpus)})")
+    mesh = jax.make_mesh((len(gpus),), ("tp",), devices=gpus)
+    report = measure_contention(mesh, repeats=3)
+    records = hlo_schedule.overlap_coverage(report.both_hlo, CostModel.for_device("h100-sxm"))
+    assert all(r.is_async and r.compute_names for r in records.records)
+    # Overlap happened: every case ran faster than its two programs back to back.
+    assert all(c.both_s < c.compute_s + c.comm_s for c in report.cases)

@@ -10,6 +10,7 @@ from ligerjax.cost import (
     CostModel,
     DeviceSpec,
     apply_nccl_env,
+    device_for_kind,
     get_device,
     nccl_env,
     nvidia_gpu_present,
@@ -136,3 +137,22 @@ def test_nccl_env_is_applied_only_on_nvidia_hosts():
     assert not nvidia_gpu_present(cpu_only)
     assert apply_nccl_env(2, 128, environ=cpu_only) == {}
     assert "NCCL_NTHREADS" not in cpu_only
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+        ("NVIDIA A100-SXM4-80GB", "a100-sxm"),
+        ("NVIDIA A100-PCIE-40GB", "a100-pcie"),
+        ("NVIDIA A100 80GB PCIe", "a100-pcie"),
+        ("Tesla V100-SXM2-32GB", "v100-nvlink"),
+        ("cpu", "cpu"),
+        ("NVIDIA H100 PCIe", None),
+        ("NVIDIA L4", None),
+        ("TPU v5 lite", None),
+    ],
+)
+def test_device_for_kind_names_the_table_of_a_jax_device_kind(kind, name):
+    assert device_for_kind(kind) == name
