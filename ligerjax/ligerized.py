@@ -206,17 +206,22 @@ class InterleavedProgram:
     step: StepPlan
     jaxpr: ir.ClosedJaxpr
     mesh: jax.sharding.Mesh
-    fn: Callable[..., Any] = dataclasses.field(repr=False)
+    fn: Callable[..., Any] = dataclasses.field(repr=False)  # the shard_map, not jitted
 
     @property
     def in_specs(self) -> tuple[PartitionSpec, ...]:
         return (*self.tp.weight_specs, *self.tp.arg_specs)
 
+    @functools.cached_property
+    def run(self) -> Callable[..., Any]:
+        """``fn`` jitted for the mesh's own devices (:func:`run_options`)."""
+        return jax.jit(self.fn, compiler_options=run_options(self.mesh))
+
     def __call__(
         self, weights: Sequence[jax.Array], primary_args: tuple, secondary_args: tuple
     ) -> Any:
         flat = jax.tree_util.tree_leaves((primary_args, secondary_args))
-        outs = self.fn(*self.tp.shard_weights(weights), *flat)
+        outs = self.run(*self.tp.shard_weights(weights), *flat)
         return jax.tree_util.tree_unflatten(self.traced.out_treedef, outs)
 
     def arg_structs(self) -> list[jax.ShapeDtypeStruct]:
@@ -266,15 +271,12 @@ def build_interleaved(
         for i, (name, jaxpr) in enumerate(stages):
             dump_jaxpr(dump_dir, i, f"interleaved_{name}", jaxpr)
     body = ir.jaxpr_fun(emitted.jaxpr)
-    fn = jax.jit(
-        jax.shard_map(
-            lambda *a: tuple(body(*a)),
-            mesh=mesh,
-            in_specs=(*tp.weight_specs, *tp.arg_specs),
-            out_specs=tp.out_specs,
-            check_vma=False,
-        ),
-        compiler_options=run_options(mesh),
+    fn = jax.shard_map(
+        lambda *a: tuple(body(*a)),
+        mesh=mesh,
+        in_specs=(*tp.weight_specs, *tp.arg_specs),
+        out_specs=tp.out_specs,
+        check_vma=False,
     )
     return InterleavedProgram(traced, tp, step, emitted.jaxpr, mesh, fn)
 

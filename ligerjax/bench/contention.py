@@ -4,13 +4,15 @@ Times windows of an all-reduce alone, GEMMs alone, and the all-reduce with the G
 (shaped as the emit pass shapes a window of the interleaved step) on a mesh of this
 machine's devices, at several compute : all-reduce balances, and fits the slowdown ``f``
 that the planner and the simulator assume while the two overlap
-(:mod:`ligerjax.cost.contention_probe`). The peer is the same windows run one program after
-the other. The result line also gives the throughput bound an interleaved step has at that
+(:mod:`ligerjax.cost.contention_probe`): one factor for both kinds, and a pair (compute,
+all-reduce) fitted across the cases. The peer is the same windows run one program after the
+other. The result line also gives the throughput bound an interleaved step has at that
 ``f`` and the latency budget (:func:`ligerjax.schedule.throughput_bound`), and whether the
 compiled program really put the GEMMs inside asynchronous all-reduces (CPU collectives are
 synchronous: there ``f`` is about 2, no overlap). On GPUs, NCCL's channels and threads can
 be capped first (``--nccl-channels``, ``--nccl-threads``), as Liger does to leave SMs to the
-GEMMs. Feed the factor to ``ligerjax bench interleave --contention F``.
+GEMMs. Feed the factors to ``ligerjax bench interleave --contention F`` (or ``F_COMPUTE
+F_COMM``).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print(report.format(), flush=True)
     inside, total = _overlapped(report.both_hlo)
     bound = throughput_bound(report.contention, args.max_inflation)
+    pair = report.pair
     sequential = sum(c.compute_s + c.comm_s for c in report.cases)
     together = sum(c.both_s for c in report.cases)
     fields = {
@@ -95,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         "async_all_reduces": f"{inside}/{total}",
         "max_inflation": args.max_inflation,
         "throughput_bound": f"{bound:.3f}",
+        "contention_pair": f"{pair.compute:.3f}/{pair.comm:.3f}",
+        "throughput_bound_pair": f"{throughput_bound(pair, args.max_inflation):.3f}",
         "nccl": "default"
         if args.nccl_channels is None
         else f"{args.nccl_channels}x{args.nccl_threads}",

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ligerjax.bench import rerun_with_cpu_devices
 from ligerjax.cost.cost_model import Contention, CostModel
-from ligerjax.schedule import FunctionVector, interleave_greedy, simulate
+from ligerjax.schedule import FunctionVector, interleave_greedy, simulate, throughput_bound
 from passes.interleave import planner_config
 
 MODELS = ("smollm2", "7b")
@@ -43,8 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--contention",
         type=float,
+        nargs="+",
         default=None,
-        help="slowdown of overlapped compute and comm (default: the cost model's 1.25)",
+        metavar="F",
+        help="slowdown of overlapped ops: F for both kinds, or F_COMPUTE F_COMM "
+        "(default: the cost model's 1.25; measure it with `ligerjax bench contention`)",
     )
     parser.add_argument(
         "--no-cpu-compile", action="store_true", help="skip compiling SmolLM2 for this CPU"
@@ -114,7 +117,8 @@ def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
         "primary_inflation": f"{inflation:.3f}",
         "coverage": f"{tied.overlap_coverage:.2f}",
         "coverage_no_barriers": f"{plain.overlap_coverage:.2f}",
-        "contention": f"{cost.contention.compute:.2f}",
+        "contention": f"{cost.contention.compute:.2f}/{cost.contention.comm:.2f}",
+        "throughput_bound": f"{throughput_bound(cost.contention, args.max_inflation):.3f}",
         "comm_fraction": f"{asm_primary.comm_s / asm_primary.duration_s:.3f}",
         "gpu_compile_s": f"{tied.compile_s:.1f}",
         "plan_s": f"{plan_s:.1f}",
@@ -125,13 +129,21 @@ def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
+def _contention(factors: list[float] | None) -> Contention | None:
+    if factors is None:
+        return None
+    if len(factors) > 2:
+        raise SystemExit(f"--contention {factors}: one factor, or two (compute, comm)")
+    return Contention(factors[0], factors[-1])
+
+
 def run(args: argparse.Namespace) -> int:
     need = 0 if args.no_cpu_compile or "smollm2" not in args.models else 3
     if jax.device_count() < need:  # the CPU compile needs 3 devices
         return rerun_with_cpu_devices("interleave")
     from ligerjax.ligerized import PLAN_TARGETS
 
-    contention = None if args.contention is None else Contention(args.contention, args.contention)
+    contention = _contention(args.contention)
     cost = CostModel.for_device(PLAN_TARGETS[args.target], contention)
     shapes = _shapes()
     for name in tqdm(args.models, desc="bench interleave", unit="model"):

@@ -24,7 +24,14 @@ The fit is the planner's and the simulator's model: while they overlap, both kin
 
     f = 1 + (t_both - max(t_compute, t_comm)) / min(t_compute, t_comm)
 
-``f = 1``: free overlap; ``f = 2`` at ``c = m``: none (the two ran back to back). Each case
+``f = 1``: free overlap; ``f = 2`` at ``c = m``: none (the two ran back to back). The two
+kinds need not suffer alike (on PCIe an all-reduce is bound by the link, which GEMMs do not
+use; the GEMMs lose the SMs NCCL holds): with their own factors ``f_c`` and ``f_m``, the
+kind that finishes first ends at ``f_c * c`` (or ``f_m * m``) and the other has done
+``1 / f_m`` (``1 / f_c``) of that time's work, then runs alone (:func:`window_time`).
+:func:`fit_pair` finds the ``(f_c, f_m)`` whose predictions fit every case (least squares
+of the relative error over a grid); it is determined only when some cases end with the
+compute and others with the all-reduce, so the cases span balances on both sides. Each case
 sets the GEMM count so the window's compute is ``ratio`` times its all-reduce (from solo
 timings of one GEMM and one all-reduce); the report's factor is the median over cases.
 Timings are best of ``repeats`` rounds, round-robin over the programs of a case.
@@ -96,6 +103,39 @@ def fit_factor(compute_s: float, comm_s: float, both_s: float) -> float:
     return max(1.0, 1.0 + (both_s - longer) / shorter)
 
 
+def window_time(compute_s: float, comm_s: float, contention: Contention) -> float:
+    """Seconds of a window whose compute takes ``compute_s`` and whose all-reduce takes
+    ``comm_s`` alone, both starting together and each slowed by its factor while the
+    other runs (the timeline simulator's model)."""
+    fc, fm = contention.compute, contention.comm
+    if fc * compute_s <= fm * comm_s:  # the compute ends first
+        return comm_s + fc * compute_s * (1 - 1 / fm)
+    return compute_s + fm * comm_s * (1 - 1 / fc)
+
+
+PAIR_GRID = tuple(1 + 0.005 * i for i in range(401))  # factors 1.000 ... 3.000
+
+
+def fit_pair(cases: Sequence[ContentionCase]) -> Contention:
+    """The ``(compute, comm)`` factors on :data:`PAIR_GRID` whose :func:`window_time`
+    predictions have the least summed squared relative error over ``cases``; among equal
+    fits, the most nearly equal pair."""
+    import numpy as np
+
+    if not cases:
+        raise ValueError("cases: need at least one")
+    fc = np.asarray(PAIR_GRID)[:, None]  # [G, 1]
+    fm = np.asarray(PAIR_GRID)[None, :]  # [1, G]
+    error = np.zeros((len(PAIR_GRID), len(PAIR_GRID)))
+    for case in cases:
+        c, m = case.compute_s, case.comm_s
+        predicted = np.where(fc * c <= fm * m, m + fc * c * (1 - 1 / fm), c + fm * m * (1 - 1 / fc))
+        error += ((predicted - case.both_s) / case.both_s) ** 2
+    error = np.round(error, 12) + 1e-15 * np.abs(fc - fm)  # ties: the most nearly equal
+    i, j = np.unravel_index(np.argmin(error), error.shape)
+    return Contention(compute=PAIR_GRID[i], comm=PAIR_GRID[j])
+
+
 @dataclass(frozen=True)
 class ContentionCase:
     """One balance point: GEMMs per window, and seconds per program (all windows)."""
@@ -132,6 +172,11 @@ class ContentionReport:
         """The measured factor for both kinds, as the planner and simulator take it."""
         return Contention(compute=self.factor, comm=self.factor)
 
+    @property
+    def pair(self) -> Contention:
+        """Separate factors for compute and all-reduce (:func:`fit_pair`)."""
+        return fit_pair(self.cases)
+
     def format(self) -> str:
         """A plain-text table of the cases."""
         s = self.shape
@@ -139,7 +184,7 @@ class ContentionReport:
             f"device={self.device_kind.replace(' ', '-')} devices={self.num_devices} "
             f"all_reduce_kib={s.all_reduce_bytes / 1024:.0f} "
             f"gemm={s.rows}x{s.width}x{s.width} dtype={s.dtype} windows={s.windows} "
-            f"contention={self.factor:.3f}",
+            f"contention={self.factor:.3f} pair={self.pair.compute:.3f}/{self.pair.comm:.3f}",
             f"{'ratio':>6}{'gemms':>7}{'compute_ms':>12}{'comm_ms':>10}{'both_ms':>10}"
             f"{'balance':>9}{'factor':>8}",
         ]

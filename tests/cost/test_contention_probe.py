@@ -14,9 +14,11 @@ from ligerjax.cost.contention_probe import (
     ContentionReport,
     WindowShape,
     fit_factor,
+    fit_pair,
     measure_contention,
     window_program,
     window_structs,
+    window_time,
 )
 from ligerjax.schedule import hlo_schedule, throughput_bound
 
@@ -54,6 +56,39 @@ def test_the_report_factor_is_the_median_case():
     report = ContentionReport("cpu", 2, SMALL, tuple(cases), both_hlo="")
     assert report.factor == pytest.approx(1.2)
     assert report.contention == Contention(compute=report.factor, comm=report.factor)
+
+
+@pytest.mark.parametrize(
+    ("compute_s", "comm_s", "contention"),
+    [
+        (3.0, 2.0, Contention(1.2, 1.05)),
+        (1.0, 2.0, Contention(1.2, 1.05)),
+        (2.0, 2.0, Contention(1.05, 1.4)),
+        (2.0, 1.0, Contention(2.0, 2.0)),
+        (1.0, 1.0, Contention(1.0, 1.0)),
+    ],
+)
+def test_window_time_is_the_simulators_two_stream_model(compute_s, comm_s, contention):
+    from ligerjax.schedule import COMM, COMPUTE, FunctionVector, Op, Schedule, simulate
+
+    comm = FunctionVector((Op("all_reduce", COMM, duration_s=comm_s),), name="primary")
+    compute = FunctionVector((Op("gemm", COMPUTE, duration_s=compute_s),), name="secondary")
+    schedule = Schedule((comm, compute), ((0, 0), (1, 0)))
+    makespan = simulate(schedule, contention).makespan_s
+    assert window_time(compute_s, comm_s, contention) == pytest.approx(makespan, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "truth",
+    [Contention(1.2, 1.05), Contention(1.05, 1.3), Contention(1.25, 1.25), Contention(2.0, 2.0)],
+)
+def test_fit_pair_recovers_separate_factors_from_cases_on_both_sides(truth):
+    cases = [
+        ContentionCase(b, 1, b * 1e-3, 1e-3, window_time(b * 1e-3, 1e-3, truth))
+        for b in (0.5, 1.0, 2.0)
+    ]
+    pair = fit_pair(cases)
+    assert (pair.compute, pair.comm) == pytest.approx((truth.compute, truth.comm), abs=1e-9)
 
 
 @pytest.mark.parametrize("field", ["tokens", "width", "rows", "windows"])
@@ -151,6 +186,8 @@ def test_the_contention_bench_prints_one_result_line(capsys):
     factors = [float(f) for f in fields["factors"].split("/")]
     assert len(factors) == 3 and float(fields["contention"]) == sorted(factors)[1]
     assert fields["async_all_reduces"] == "0/2"  # CPU collectives are synchronous
+    fc, fm = (float(f) for f in fields["contention_pair"].split("/"))
+    assert 1.0 <= fc <= 3.0 and 1.0 <= fm <= 3.0
     f = float(fields["contention"])
     if f > 1.01:  # the printed bound is of the unrounded factor
         bound = throughput_bound(Contention(f, f), 0.05)
