@@ -190,6 +190,21 @@ def _rows(eqn: ir.JaxprEqn, weights: set[Any]) -> int:
     return 0 if dim is None else int(ir.aval_of(eqn.invars[0]).shape[dim])
 
 
+# Elementwise reductions over devices: any row slice of the operand reduces on its own.
+ROW_SPLIT_COLLECTIVES = frozenset({"psum", "pmax", "pmin"})
+
+
+def collective_row_dim(eqn: ir.JaxprEqn) -> int | None:
+    """The operand dimension an all-reduce may be cut along: its largest dimension other
+    than the last (``None`` for other collectives, several operands, or a vector)."""
+    if eqn.primitive.name not in ROW_SPLIT_COLLECTIVES or len(eqn.invars) != 1:
+        return None
+    shape = ir.aval_of(eqn.invars[0]).shape
+    if len(shape) < 2:
+        return None
+    return max(range(len(shape) - 1), key=lambda d: (shape[d], -d))
+
+
 def row_dim(eqn: ir.JaxprEqn, weights: set[Any]) -> int | None:
     """The lhs dimension of an activation × weight GEMM to cut along: its largest free
     (neither contracting nor batch) dimension other than the last (never the hidden one)."""
@@ -232,12 +247,14 @@ def _op_of(
     if coll is not None:
         n = math.prod(axis_sizes[a] for a in _axes(first))
         moved = sum(nbytes(v.aval) for v in first.outvars)
+        dim = collective_row_dim(first) if len(eqns) == 1 else None
         return Op(
             name,
             COMM,
             bytes=moved,
             duration_s=cost.comm_duration(coll, moved, n),
             batch=batch,
+            rows=0 if dim is None else int(ir.aval_of(first.invars[0]).shape[dim]),
             collective=coll,
             group=n,
         )

@@ -6,9 +6,11 @@ window. The interleave planner chose the cuts (the largest head that fits each w
 this pass rewrites the jaxpr to match: an activation × weight ``dot_general`` becomes one
 GEMM per piece on a row slice of the activation, then a ``concatenate``; a named attention
 call becomes one call per slice of the queries (and their positions), each still
-attending to every key. Each piece is traced as one named ``jit`` equation
-(``ligerjax_piece``), so every planned op maps to known equations of the new jaxpr:
-``Decomposed.members`` is what the emit pass schedules. The input is never mutated.
+attending to every key; an all-reduce (``psum``, ``pmax``, ``pmin``: elementwise over the
+devices) becomes one all-reduce per row slice of its operand. Each piece is traced as one
+named ``jit`` equation (``ligerjax_piece``), so every planned op maps to known equations of
+the new jaxpr: ``Decomposed.members`` is what the emit pass schedules. The input is never
+mutated.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ligerjax.compiler import ir
 from ligerjax.compiler.pass_manager import PassReport
 from ligerjax.ops import ATTENTION_NAME, attention_params, ligerjax_attention
 from ligerjax.schedule import PRIMARY, SECONDARY
-from passes.assemble import Assembled, row_dim
+from passes.assemble import Assembled, collective_row_dim, row_dim
 from passes.interleave import StepPlan
 
 PIECE_NAME = "ligerjax_piece"
@@ -63,6 +65,21 @@ def _dot_pieces(eqn: ir.JaxprEqn, dim: int, spans: Sequence[tuple[int, int]]) ->
 
             pieces.append(_piece_call(piece)(lhs, rhs))
         return [jax.lax.concatenate(pieces, out_dim)]
+
+    return run
+
+
+def _collective_pieces(eqn: ir.JaxprEqn, dim: int, spans: Sequence[tuple[int, int]]) -> Any:
+    def run(x: Any) -> list[Any]:
+        pieces = []
+        for lo, hi in spans:
+
+            def piece(x: Any, lo: int = lo, hi: int = hi) -> Any:
+                part = jax.lax.slice_in_dim(x, lo, hi, axis=dim)
+                return ir.bind(eqn.primitive, part, **eqn.params)[0]
+
+            pieces.append(_piece_call(piece)(x))
+        return [jax.lax.concatenate(pieces, dim)]
 
     return run
 
@@ -112,6 +129,8 @@ def decompose(step: StepPlan, axis_env: Sequence[tuple[str, int]]) -> Decomposed
         spans = [rows for _, rows in parts]
         if ir.eqn_name(eqn) == ATTENTION_NAME:
             rewrites[i] = _attention_pieces(eqn, spans)
+        elif (cdim := collective_row_dim(eqn)) is not None:
+            rewrites[i] = _collective_pieces(eqn, cdim, spans)
         else:
             dim = row_dim(eqn, weights)
             if dim is None:

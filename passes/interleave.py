@@ -126,7 +126,7 @@ def planner_config(
     its solo time: window slack and the plan's delay budget both come from it."""
     return InterleaveConfig(
         factor=factor,
-        split_kinds=(COMPUTE,) if factor > 1 else (),
+        split_kinds=(COMPUTE, COMM) if factor > 1 else (),
         slack=slack_for(primary, max_inflation),
         place_oversized=True,
         max_delay_s=max_inflation * primary.duration_s,

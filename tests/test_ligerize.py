@@ -10,8 +10,9 @@ from flax import nnx
 
 from ligerjax import ligerize
 from ligerjax.compiler import ir
-from ligerjax.cost import CostModel
+from ligerjax.cost import Contention, CostModel, get_device
 from ligerjax.ligerized import InterleavedProgram, Ligerized, LigerizedFunction
+from ligerjax.schedule import COMM
 from models import Llama, LlamaConfig
 
 pytestmark = pytest.mark.multidevice
@@ -92,6 +93,28 @@ def test_mlp_stack(n, mlp_stack):
     lm = ligerize(model, mesh=_mesh(n), partition_rules=rules)
     _close(lm(x), model(x))
     _close(lm.interleaved((x,), (big,)), (model(x), model(big)))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_secondary_all_reduces_cut_into_primary_compute_windows_keep_the_numbers(n, mlp_stack):
+    """A link slow next to the GEMMs (no launch or ring latency, no contention): the
+    secondary's all-reduces are longer than the primary's compute windows, so the planner
+    cuts them along their rows and the decompose pass emits one all-reduce per piece."""
+    model, _, rules = mlp_stack
+    spec = get_device("cpu").replace(launch_latency=0.0, link_latency=0.0, link_bandwidth=3e9)
+    cost = CostModel(spec, Contention.none())
+    lm = ligerize(model, mesh=_mesh(n), partition_rules=rules, cost_model=cost)
+    p, s = (jax.random.normal(jax.random.key(k), (256, 16)) for k in (6, 7))
+    _close(lm.interleaved((p,), (s,)), (model(p), model(s)))
+    (program,) = [p for p in lm._programs.values() if isinstance(p, InterleavedProgram)]
+    asm = program.step.assembled
+    cut = [
+        q for q in program.step.pieces if q.rows is not None and asm.secondary[q.op].kind is COMM
+    ]
+    assert len(cut) >= 2
+    cut_ops = {q.op for q in cut}
+    psums = ir.count_primitives(program.jaxpr)["psum"]  # the pieces' psums sit in their jits
+    assert psums == 2 + 2 - len(cut_ops) + len(cut)  # primary's 2, secondary's uncut + pieces
 
 
 def test_class_decorator_makes_ligerized_instances(mlp_stack):

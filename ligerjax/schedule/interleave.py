@@ -43,7 +43,7 @@ from ligerjax.schedule.function_vector import (
     piece_duration,
     split_op,
 )
-from ligerjax.schedule.timeline import OpRef, Schedule
+from ligerjax.schedule.timeline import OpRef, Schedule, simulate
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,75 @@ def interleave_greedy(
     vectors = (prim.vector_placed(), *(c.vector_placed() for c in secs))
     schedule = Schedule(vectors, tuple(planner.order), (), tuple(planner.start_after))
     return InterleavePlan(schedule, tuple(windows), leftover)
+
+
+@dataclass(frozen=True)
+class SustainedRun:
+    """One secondary batch carried to completion over successive steps of one primary.
+
+    ``step_s``: each step's time (the primary, the secondary work its windows took, and any
+    op run exposed after it); ``exposed``: secondary ops no window could take even cut,
+    each run alone after the primary of the step that found the secondary stuck on it.
+    """
+
+    primary_s: float
+    secondary_s: float
+    step_s: tuple[float, ...]
+    exposed: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_s)
+
+    @property
+    def ratio(self) -> float:
+        """Throughput: the same work back to back (``steps`` primaries and the whole
+        secondary) over the interleaved steps' time."""
+        return (self.steps * self.primary_s + self.secondary_s) / math.fsum(self.step_s)
+
+    @property
+    def mean_inflation(self) -> float:
+        """Mean step time over the primary's solo time, minus one (the primary's time per
+        token grows by this on average)."""
+        return math.fsum(self.step_s) / (self.steps * self.primary_s) - 1
+
+    @property
+    def worst_inflation(self) -> float:
+        """The longest step over the primary's solo time, minus one."""
+        return max(self.step_s) / self.primary_s - 1
+
+
+def run_to_completion(
+    primary: FunctionVector,
+    secondary: FunctionVector,
+    *,
+    cost: CostModel | None = None,
+    contention: Contention | None = None,
+    config: InterleaveConfig | None = None,
+    max_steps: int = 100_000,
+) -> SustainedRun:
+    """Plan step after step of ``primary`` (:func:`interleave_greedy`, the secondary's
+    leftover carried over) until ``secondary`` is done: the sustained throughput, where one
+    step's figure counts only the work its windows took. A step that can place nothing
+    runs the secondary's next op exposed after its primary, as Liger's runtime would
+    rather than stall the batch (e.g. a prefill's all-reduce longer than any primary
+    compute window)."""
+    contention = _resolve_contention(cost, contention)
+    left, steps, exposed = secondary, list[float](), 0
+    while len(left):
+        if len(steps) == max_steps:
+            raise ValueError(f"max_steps={max_steps}: {secondary.name} not done")
+        plan = interleave_greedy(
+            primary, [left], cost=cost, contention=contention, config=config, append_leftover=False
+        )
+        step = simulate(plan.schedule, contention).makespan_s
+        left = plan.leftover[0]
+        if not len(plan.schedule.vectors[1]):
+            step += left.ops[0].duration_s
+            left = FunctionVector(left.ops[1:], name=left.name, tokens=left.tokens)
+            exposed += 1
+        steps.append(step)
+    return SustainedRun(primary.duration_s, secondary.duration_s, tuple(steps), exposed)
 
 
 @dataclass(frozen=True)

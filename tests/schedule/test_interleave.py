@@ -15,8 +15,10 @@ from ligerjax.schedule import (
     LigerConfig,
     Op,
     Schedule,
+    SustainedRun,
     interleave_greedy,
     plan_liger,
+    run_to_completion,
     simulate,
     throughput_bound,
 )
@@ -191,3 +193,54 @@ def test_no_plan_beats_the_throughput_bound_and_a_long_secondary_comes_close(con
     assert back_to_back / step <= bound + 1e-9
     if close:
         assert back_to_back / step >= 1 + 0.9 * (bound - 1)
+
+
+def test_a_sustained_run_counts_every_step_and_the_whole_secondary():
+    run = SustainedRun(primary_s=1.0, secondary_s=2.0, step_s=(1.5, 1.5, 1.1), exposed=0)
+    assert run.steps == 3
+    assert run.ratio == pytest.approx((3 * 1.0 + 2.0) / 4.1)
+    assert run.mean_inflation == pytest.approx(4.1 / 3 - 1)
+    assert run.worst_inflation == pytest.approx(0.5)
+
+
+def _budgeted(primary: FunctionVector) -> InterleaveConfig:
+    from passes.interleave import planner_config
+
+    return planner_config(primary, max_inflation=0.05)
+
+
+def test_a_splittable_secondary_runs_to_completion_within_the_budget():
+    primary = FunctionVector(tuple(op for i in range(4) for op in layer(f"p{i}").ops), name="p")
+    secondary = FunctionVector(
+        tuple(Op(f"s{i}", COMPUTE, duration_s=0.6, rows=64) for i in range(20)), name="s"
+    )
+    run = run_to_completion(primary, secondary, contention=LIGER, config=_budgeted(primary))
+    assert run.exposed == 0 and run.steps > 1
+    assert run.secondary_s == pytest.approx(12.0)
+    assert run.worst_inflation <= 0.05 + 1e-9
+    assert 1.0 < run.ratio <= throughput_bound(LIGER, 0.05)
+
+
+def test_a_collective_no_window_can_take_runs_exposed_after_the_primary():
+    primary = FunctionVector(tuple(op for i in range(4) for op in layer(f"p{i}").ops), name="p")
+    secondary = FunctionVector(
+        (
+            Op("s0", COMPUTE, duration_s=0.5, rows=64),
+            Op("s1", COMM, duration_s=5.0),  # five times the longest primary compute window
+            Op("s2", COMPUTE, duration_s=0.5, rows=64),
+        ),
+        name="s",
+    )
+    run = run_to_completion(primary, secondary, contention=LIGER, config=_budgeted(primary))
+    assert run.exposed == 1
+    assert run.worst_inflation >= 5.0 / primary.duration_s
+    assert run.ratio < 1 + 1.0 / primary.duration_s  # only the compute was hidden
+
+
+def test_run_to_completion_stops_at_max_steps():
+    primary = FunctionVector((Op("c", COMPUTE, duration_s=1.0), Op("m", COMM, duration_s=1.0)))
+    secondary = FunctionVector(
+        tuple(Op(f"s{i}", COMPUTE, duration_s=0.5, rows=8) for i in range(50)), name="s"
+    )
+    with pytest.raises(ValueError, match="max_steps=3: s not done"):
+        run_to_completion(primary, secondary, contention=LIGER, max_steps=3)
