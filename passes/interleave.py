@@ -4,8 +4,9 @@ Runs Liger's greedy planner (:func:`ligerjax.schedule.interleave_greedy`) over t
 function vectors of an assembled step: the primary's segments in order (its critical
 path first), each communication window filled with secondary compute and each compute
 window with secondary communication, an op going in only if its contention-inflated
-duration fits the room left (``slack`` allows a fractional overrun). A secondary GEMM or
-attention that does not fit is cut along its rows at a multiple of 1/``factor``: the
+duration fits the room left (``slack`` allows a fractional overrun). A secondary GEMM,
+attention or all-reduce that does not fit is cut along its rows at a multiple of
+1/``factor`` (an all-reduce's pieces each pay the ring latency again): the
 largest head that fits goes in, the tail waits for the next window (Liger's vertical
 decomposition; the decompose pass then realises those cuts in the jaxpr). What no window
 took runs after the primary's last op, in order. The windows may overrun by a slack sized
