@@ -48,7 +48,7 @@ from passes.assemble import assemble
 from passes.attention import attention, attention_pass
 from passes.decompose import decompose
 from passes.emit import PRIMARY_SCOPE, emit
-from passes.interleave import StepPlan, interleave
+from passes.interleave import DEFAULT_FACTOR, StepPlan, interleave
 from passes.pipeline import pipeline_pass
 from passes.tensor_parallel import TPProgram, tensor_parallel, tensor_parallel_pass
 
@@ -81,7 +81,7 @@ class LigerizeConfig:
     num_microbatches: int = 1
     strict: bool = False
     max_inflation: float = 0.05
-    max_factor: int = 16
+    max_factor: int = DEFAULT_FACTOR
 
     def __post_init__(self) -> None:
         if self.mesh is not None and not isinstance(self.mesh, jax.sharding.Mesh):

@@ -39,7 +39,7 @@ from ligerjax.schedule import (
     simulate,
     throughput_bound,
 )
-from passes.interleave import planner_config
+from passes.interleave import DEFAULT_FACTOR, planner_config
 
 MODELS = ("smollm2", "7b")
 TARGETS = ("cpu", "h100", "a100", "a100-pcie")
@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--primary-tokens", type=int, default=32)
     parser.add_argument("--secondary-tokens", type=int, default=1024)
     parser.add_argument("--max-inflation", type=float, default=0.05)
+    parser.add_argument(
+        "--factor",
+        type=int,
+        default=None,
+        help="decomposition granularity: cut at multiples of 1/factor (default: ligerize's)",
+    )
     parser.add_argument(
         "--contention",
         type=float,
@@ -83,10 +89,14 @@ def _shapes() -> dict[str, Shape]:
 
 
 def steady_state(
-    primary: FunctionVector, secondary: FunctionVector, cost: CostModel, max_inflation: float
+    primary: FunctionVector,
+    secondary: FunctionVector,
+    cost: CostModel,
+    max_inflation: float,
+    factor: int = DEFAULT_FACTOR,
 ) -> tuple[float, float, float]:
     """(interleaved step s, the same work back to back s, primary latency inflation)."""
-    config = planner_config(primary, max_inflation=max_inflation)
+    config = planner_config(primary, factor=factor, max_inflation=max_inflation)
     plan = interleave_greedy(primary, [secondary], cost=cost, config=config, append_leftover=False)
     timeline = simulate(plan.schedule, cost.contention)
     placed = plan.schedule.vectors[1].duration_s
@@ -94,18 +104,19 @@ def steady_state(
     return timeline.makespan_s, primary.duration_s + placed, inflation
 
 
-def _ligerized(shape: Shape, max_inflation: float, cost: CostModel):  # type: ignore[no-untyped-def]
+def _ligerized(shape: Shape, args: argparse.Namespace, cost: CostModel):  # type: ignore[no-untyped-def]
     from flax import nnx
 
     from ligerjax.ligerized import ligerize
     from models import Llama
 
     model = nnx.eval_shape(lambda: Llama(shape.config, rngs=nnx.Rngs(0)))
-    return ligerize(model, max_inflation=max_inflation, cost_model=cost)
+    factor = {} if args.factor is None else {"max_factor": args.factor}
+    return ligerize(model, max_inflation=args.max_inflation, cost_model=cost, **factor)
 
 
 def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
-    lm = _ligerized(shape, args.max_inflation, cost)
+    lm = _ligerized(shape, args, cost)
     p = (jax.ShapeDtypeStruct((1, args.primary_tokens), jnp.int32),)
     s = (jax.ShapeDtypeStruct((1, args.secondary_tokens), jnp.int32),)
     t0 = time.perf_counter()
@@ -114,8 +125,11 @@ def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
     plain = lm.plan(p, s, target=args.target, num_devices=shape.tp, barriers=False)
     asm_primary = tied.primary
     secondary = tied.sequential.schedule.vectors[1]
-    step, back_to_back, inflation = steady_state(asm_primary, secondary, cost, args.max_inflation)
-    config = planner_config(asm_primary, max_inflation=args.max_inflation)
+    factor = lm.config.max_factor
+    step, back_to_back, inflation = steady_state(
+        asm_primary, secondary, cost, args.max_inflation, factor
+    )
+    config = planner_config(asm_primary, factor=factor, max_inflation=args.max_inflation)
     run = run_to_completion(asm_primary, secondary, cost=cost, config=config)
     fields = {
         "bench": "interleave",
@@ -136,6 +150,7 @@ def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
         "coverage": f"{tied.overlap_coverage:.2f}",
         "coverage_no_barriers": f"{plain.overlap_coverage:.2f}",
         "contention": f"{cost.contention.compute:.2f}/{cost.contention.comm:.2f}",
+        "factor": factor,
         "throughput_bound": f"{throughput_bound(cost.contention, args.max_inflation):.3f}",
         "comm_fraction": f"{asm_primary.comm_s / asm_primary.duration_s:.3f}",
         "gpu_compile_s": f"{tied.compile_s:.1f}",
