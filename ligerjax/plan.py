@@ -3,8 +3,9 @@
 A :class:`Schedule` holds the two batches' function vectors, the primary's switch points,
 which secondary ops the plan put inside which primary collective (matched pairs), the
 decomposition factors, the predicted timelines (interleaved, and the two batches one after
-the other), and what XLA actually did: the scheduled HLO text and the overlap coverage
-read back from it with cost-model durations.
+the other), the sustained figures of the secondary carried over steps until it is done,
+and what XLA actually did: the scheduled HLO text and the overlap coverage read back from
+it with cost-model durations.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ligerjax.schedule import FunctionVector, Timeline
+from ligerjax.schedule import FunctionVector, SustainedRun, Timeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Schedule:
     duration of the compute XLA scheduled between its start and done) / Σ of their
     durations, from the compiled schedule in ``hlo_text``; ``coverage`` holds the
     per-collective records. ``planned_coverage`` is the planner's own figure.
+    ``sustained``: the secondary carried step after step until done, the throughput a
+    server would see (one step only meets the first of a prefill's work).
     """
 
     target: str
@@ -40,6 +43,7 @@ class Schedule:
     coverage: Any  # ligerjax.schedule.hlo_schedule.Coverage
     planned_coverage: float
     compile_s: float
+    sustained: SustainedRun
     barriers: bool = True
 
     @property
@@ -81,6 +85,10 @@ class Schedule:
             f"  decomposed: {dict(self.decomposition) or 'nothing'}",
             f"  predicted: step {_us(self.step_s)} vs sequential {_us(self.sequential_s)} "
             f"({self.speedup:.2f}x), primary latency +{100 * self.primary_latency_inflation:.1f}%",
+            f"  sustained: {self.sustained.ratio:.3f}x over {self.sustained.steps} steps "
+            f"({self.sustained.exposed} ops exposed), step time "
+            f"+{100 * self.sustained.mean_inflation:.1f}% mean, "
+            f"+{100 * self.sustained.worst_inflation:.1f}% worst",
             f"  coverage: planned {self.planned_coverage:.2f}, compiled {self.overlap_coverage:.2f}"
             f" (compile {self.compile_s:.1f} s)",
         ]

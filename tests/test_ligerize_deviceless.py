@@ -17,6 +17,8 @@ import pytest
 from flax import nnx
 
 from ligerjax import ligerize
+from ligerjax.cost import Contention
+from ligerjax.schedule import throughput_bound
 from models import Llama, LlamaConfig
 
 pytestmark = [pytest.mark.deviceless, pytest.mark.slow]
@@ -72,3 +74,14 @@ def test_schedule_prints_and_exports(plans, tmp_path):
     assert "all-reduce-start" in schedule.hlo_text
     assert schedule.switch_points == schedule.primary.switch_points()
     assert schedule.matched_pairs and all(pieces for _, pieces in schedule.matched_pairs)
+    assert "sustained:" in text
+
+
+@pytest.mark.parametrize("target", ["h100", "a100"])
+def test_the_sustained_run_carries_the_whole_prefill(plans, target):
+    schedule = plans(target)
+    run = schedule.sustained
+    assert run.secondary_s == pytest.approx(schedule.sequential_s - schedule.primary.duration_s)
+    assert run.steps > 1  # one step's windows take only the start of a 1024-token prefill
+    # No plan beats the bound of its contention and budget (the default 1.25 and 5%).
+    assert 1.0 <= run.ratio <= throughput_bound(Contention(), 0.05) + 1e-9

@@ -10,12 +10,12 @@ step is compiled once more without the barriers, the peer it is measured against
 Two throughput figures. ``throughput_ratio``: one step, the primary plus the secondary work
 its windows took, back to back over the interleaved step (``primary_inflation``: the
 primary's latency in that step over its solo latency, minus one). ``sustained_ratio``: the
-secondary carried over step after step until its whole prefill is done
-(:func:`~ligerjax.schedule.run_to_completion`): the first step only meets the prefill's
-first GEMMs, later ones meet its all-reduces, which must fit the primary's compute windows
-(cut along their rows) or run exposed after a primary (``exposed``; they then lengthen that
-step: ``worst_step_inflation``, ``mean_step_inflation`` over all the steps). Throughput is
-the sustained figure; the first step's is what the compiled program shows.
+secondary carried over step after step until its whole prefill is done (the plan's
+``sustained``, :func:`~ligerjax.schedule.run_to_completion`): the first step only meets the
+prefill's first GEMMs, later ones meet its all-reduces, which must fit the primary's compute
+windows (cut along their rows) or run exposed after a primary (``exposed``; they then
+lengthen that step: ``worst_step_inflation``, ``mean_step_inflation`` over all the steps).
+Throughput is the sustained figure; the first step's is what the compiled program shows.
 Models: ``smollm2`` (SmolLM2-135M's shape, TP=3: its 9 heads / 3 KV heads) and ``7b``
 (hidden 4096, 32 heads, 2 layers, bf16). Weights are abstract: nothing is allocated.
 """
@@ -32,13 +32,7 @@ from tqdm.auto import tqdm
 
 from ligerjax.bench import rerun_with_cpu_devices
 from ligerjax.cost.cost_model import Contention, CostModel
-from ligerjax.schedule import (
-    FunctionVector,
-    interleave_greedy,
-    run_to_completion,
-    simulate,
-    throughput_bound,
-)
+from ligerjax.schedule import FunctionVector, interleave_greedy, simulate, throughput_bound
 from passes.interleave import DEFAULT_FACTOR, planner_config
 
 MODELS = ("smollm2", "7b")
@@ -129,8 +123,7 @@ def _line(shape: Shape, args: argparse.Namespace, cost: CostModel) -> str:
     step, back_to_back, inflation = steady_state(
         asm_primary, secondary, cost, args.max_inflation, factor
     )
-    config = planner_config(asm_primary, factor=factor, max_inflation=args.max_inflation)
-    run = run_to_completion(asm_primary, secondary, cost=cost, config=config)
+    run = tied.sustained
     fields = {
         "bench": "interleave",
         "model": shape.name,
