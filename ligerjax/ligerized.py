@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -197,6 +197,22 @@ def check_pair(primary_args: Any, secondary_args: Any) -> None:
 # -- the interleaved program --------------------------------------------------------------
 
 
+class OptionedJit:
+    """``fn`` jitted with XLA ``options`` when called at the top level, and without them
+    when called under another trace (inside a user's ``jax.jit``: a nested jit may not carry
+    compiler options; the enclosing jit's own options apply there)."""
+
+    def __init__(self, fn: Callable[..., Any], options: Mapping[str, Any]) -> None:
+        opts: Any = dict(options)
+        self._top = jax.jit(fn, compiler_options=opts)
+        self._nested = jax.jit(fn)
+
+    def __call__(self, *args: Any) -> Any:
+        leaves = jax.tree_util.tree_leaves(args)
+        traced = any(isinstance(x, jax.core.Tracer) for x in leaves)
+        return (self._nested if traced else self._top)(*args)
+
+
 @dataclasses.dataclass(frozen=True)
 class InterleavedProgram:
     """Both batches' step as one per-device program on the mesh."""
@@ -213,9 +229,9 @@ class InterleavedProgram:
         return (*self.tp.weight_specs, *self.tp.arg_specs)
 
     @functools.cached_property
-    def run(self) -> Callable[..., Any]:
+    def run(self) -> OptionedJit:
         """``fn`` jitted for the mesh's own devices (:func:`run_options`)."""
-        return jax.jit(self.fn, compiler_options=run_options(self.mesh))
+        return OptionedJit(self.fn, run_options(self.mesh))
 
     def __call__(
         self, weights: Sequence[jax.Array], primary_args: tuple, secondary_args: tuple
@@ -457,7 +473,7 @@ class PipelinePair:
         def both(bp: Any, bs: Any, p_args: tuple, s_args: tuple) -> tuple[Any, Any]:
             return primary.run_packed(bp, *p_args), secondary.run_packed(bs, *s_args)
 
-        self._fn = jax.jit(both, compiler_options=run_options(primary.mesh))
+        self._fn = OptionedJit(both, run_options(primary.mesh))
 
     def __call__(
         self, weights: Sequence[jax.Array], primary_args: tuple, secondary_args: tuple

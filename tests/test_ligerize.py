@@ -257,3 +257,19 @@ def test_llama_pipeline_with_micro_batches_matches_the_model(pp, tp):
     primary = jnp.concatenate([P_TOKENS, P_TOKENS[:, ::-1]])  # [2, 6]
     _close(lm(primary), model(primary))
     _close(lm.interleaved((primary,), (S_TOKENS,)), (model(primary), model(S_TOKENS)))
+
+
+def test_compiler_options_apply_at_the_top_level_and_give_way_inside_a_users_jit():
+    from ligerjax.ligerized import OptionedJit
+
+    run = OptionedJit(lambda x: x * 2 + 1, {"xla_cpu_enable_fast_math": False})
+    x = jnp.arange(4.0)
+    np.testing.assert_array_equal(run(x), x * 2 + 1)
+    np.testing.assert_array_equal(jax.jit(lambda y: run(y) - 1)(x), x * 2)
+
+
+def test_the_interleaved_step_runs_inside_a_users_jit():
+    model = _llama()
+    lm = ligerize(model, mesh=_mesh(2))
+    p_out, s_out = jax.jit(lambda p, s: lm.interleaved((p,), (s,)))(P_TOKENS, S_TOKENS)
+    _close((p_out, s_out), (model(P_TOKENS), model(S_TOKENS)))
