@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ligerjax.compiler.deviceless import run_options
 from ligerjax.cost.calibration import best_round_robin, loop_timer
 from ligerjax.cost.cost_model import Contention
 from ligerjax.cost.device_spec import dtype_itemsize, dtype_name
@@ -52,7 +53,6 @@ from ligerjax.cost.device_spec import dtype_itemsize, dtype_name
 log = logging.getLogger(__name__)
 
 PROGRAMS = ("comm", "compute", "both")
-GPU_OPTIONS: Mapping[str, bool] = {"xla_gpu_enable_latency_hiding_scheduler": True}
 
 
 @dataclass(frozen=True)
@@ -78,16 +78,13 @@ class WindowShape:
         """Bytes one device contributes to one all-reduce."""
         return self.tokens * self.width * dtype_itemsize(self.dtype)
 
-    def gemm_flops(self) -> float:
-        """FLOPs of one GEMM on one device."""
-        return 2.0 * self.rows * self.width * self.width
-
 
 def default_shape(platform: str) -> WindowShape:
-    """A decode-sized primary all-reduce (32 tokens of a 4096-wide model, bf16: 256 KiB) and
-    prefill-sized secondary GEMMs on GPUs; the same all-reduce bytes in f32 and GEMMs small
-    enough to balance one all-reduce on a CPU (a ``[64, 2048] @ [2048, 2048]`` GEMM there
-    takes ~50 times an all-reduce of 256 KiB)."""
+    """On GPUs a decode-sized primary all-reduce (32 tokens of a 4096-wide model, bf16:
+    256 KiB) and prefill-sized secondary GEMMs ``[256, 4096] @ [4096, 4096]``; on CPUs a
+    1 MiB f32 all-reduce and ``[16, 512] @ [512, 512]`` GEMMs, small enough that a few
+    balance it (a ``[64, 2048] @ [2048, 2048]`` GEMM there takes ~50 times an all-reduce of
+    256 KiB)."""
     if platform == "gpu":
         return WindowShape(tokens=32, width=4096, rows=256, dtype="bfloat16")
     return WindowShape(tokens=512, width=512, rows=16, dtype="float32")
@@ -314,7 +311,7 @@ def measure_contention(
     device = mesh.devices.flat[0]
     shape = shape or default_shape(device.platform)
     if compiler_options is None:
-        compiler_options = GPU_OPTIONS if device.platform == "gpu" else {}
+        compiler_options = run_options(mesh)
     args = _window_args(shape, mesh, axis)
     comm_window = _per_window("comm", shape, mesh, axis, args, compiler_options)
     gemm_s = _per_window("compute", shape, mesh, axis, args, compiler_options)
