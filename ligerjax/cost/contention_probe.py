@@ -39,6 +39,7 @@ Timings are best of ``repeats`` rounds, round-robin over the programs of a case.
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -169,7 +170,7 @@ class ContentionReport:
         """The measured factor for both kinds, as the planner and simulator take it."""
         return Contention(compute=self.factor, comm=self.factor)
 
-    @property
+    @functools.cached_property
     def pair(self) -> Contention:
         """Separate factors for compute and all-reduce (:func:`fit_pair`)."""
         return fit_pair(self.cases)
