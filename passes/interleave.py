@@ -121,8 +121,8 @@ def slack_for(primary: FunctionVector, max_inflation: float) -> float:
 
 
 # Cuts at multiples of 1/64: fine enough that pieces of a prefill's all-reduce fit a decode
-# step's compute windows (7B-like on 4xA100-PCIe, 1024 tokens: at 1/16 no piece fitted, five
-# all-reduces ran exposed and steps took 28% longer on average; at 1/64 one ran exposed and
+# step's compute windows (7B-like on 4xA100-PCIe, 1024 tokens: at 1/16 no piece fitted, all
+# four all-reduces ran exposed and steps took 28% longer on average; at 1/64 none did, and
 # steps took 5.4% longer). Every piece is priced with its own costs (ring latency, weights
 # read again), so a finer grid only offers more heads to choose from.
 DEFAULT_FACTOR = 64
