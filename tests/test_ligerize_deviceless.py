@@ -85,3 +85,19 @@ def test_the_sustained_run_carries_the_whole_prefill(plans, target):
     assert run.steps > 1  # one step's windows take only the start of a 1024-token prefill
     # No plan beats the bound of its contention and budget (the default 1.25 and 5%).
     assert 1.0 <= run.ratio <= throughput_bound(Contention(), 0.05) + 1e-9
+
+
+def test_secondary_all_reduce_pieces_run_async_under_primary_compute():
+    """SmolLM2's small layers (8 of them): the first step reaches the prefill's first
+    all-reduce, whose head pieces the planner puts in the primary's compute windows; the
+    last piece, the rows no window of this step took, runs after the primary. Compiled for
+    the A100, every piece in a window is an async all-reduce with primary compute inside."""
+    config = LlamaConfig.preset("smollm2-135m", num_layers=8)
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    schedule = ligerize(model).plan(PRIMARY, SECONDARY, target="a100-pcie", num_devices=3)
+    (cut,) = [k for k in schedule.decomposition if k.endswith(":psum")]
+    pieces = [r for r in schedule.coverage.records if "jit(ligerjax_piece)/psum" in r.op_name]
+    assert len(pieces) == schedule.decomposition[cut] >= 2
+    for record in pieces[:-1]:
+        assert not record.selected  # the secondary's
+        assert record.is_async and record.compute_names, record
