@@ -29,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="bench", required=True)
     for name, module_name in BENCHMARKS.items():
         module = importlib.import_module(module_name)
-        sub = benches.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        doc = (module.__doc__ or "").strip()
+        sub = benches.add_parser(
+            name,
+            help=doc.splitlines()[0],
+            description=doc,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser

@@ -26,17 +26,37 @@ from ligerjax.schedule import throughput_bound
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    gpu, cpu = default_shape("gpu"), default_shape("cpu")
+
+    def defaults(field: str) -> str:
+        return f"default: GPU {getattr(gpu, field)}, CPU {getattr(cpu, field)}"
+
     parser.add_argument("--devices", type=int, default=None, help="mesh size (default: all)")
-    parser.add_argument("--tokens", type=int, default=None, help="rows of the all-reduce")
-    parser.add_argument("--width", type=int, default=None, help="model width (E)")
-    parser.add_argument("--rows", type=int, default=None, help="rows of each GEMM (M)")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 2.0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max-inflation", type=float, default=0.05)
-    parser.add_argument("--nccl-channels", type=int, default=None)
-    parser.add_argument("--nccl-threads", type=int, default=None)
+    parser.add_argument(
+        "--tokens", type=int, default=None, help=f"rows of the all-reduce ({defaults('tokens')})"
+    )
+    parser.add_argument("--width", type=int, default=None, help=f"width E ({defaults('width')})")
+    parser.add_argument(
+        "--rows", type=int, default=None, help=f"rows M of each GEMM ({defaults('rows')})"
+    )
+    parser.add_argument("--dtype", default=None, help=defaults("dtype"))
+    parser.add_argument("--windows", type=int, default=8, help="windows per program")
+    parser.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0, 2.0],
+        help="compute : all-reduce balances to time, one case each",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; the best counts")
+    parser.add_argument(
+        "--max-inflation",
+        type=float,
+        default=0.05,
+        help="primary latency budget for the throughput bound printed",
+    )
+    parser.add_argument("--nccl-channels", type=int, default=None, help="NCCL_MAX_NCHANNELS (GPUs)")
+    parser.add_argument("--nccl-threads", type=int, default=None, help="NCCL_NTHREADS (GPUs)")
     parser.add_argument("--table", action="store_true", help="print the cases' table too")
 
 
