@@ -48,7 +48,7 @@ from passes.assemble import assemble
 from passes.attention import attention, attention_pass
 from passes.decompose import decompose
 from passes.emit import PRIMARY_SCOPE, emit
-from passes.interleave import DEFAULT_FACTOR, StepPlan, interleave, planner_config
+from passes.interleave import DEFAULT_FACTOR, StepPlan, interleave
 from passes.pipeline import pipeline_pass
 from passes.tensor_parallel import TPProgram, tensor_parallel, tensor_parallel_pass
 
@@ -396,7 +396,7 @@ class Ligerized:
         coverage = hlo_schedule.overlap_coverage(
             compiled.text, cost, is_primary=hlo_schedule.is_primary_scope(PRIMARY_SCOPE)
         )
-        return _schedule(program, target, n, cost, compiled, coverage, barriers, self.config)
+        return _schedule(program, target, n, cost, compiled, coverage, barriers)
 
     # -- building ----------------------------------------------------------------------
 
@@ -532,13 +532,10 @@ def _schedule(
     compiled: Any,
     coverage: Any,
     barriers: bool,
-    config: LigerizeConfig,
 ) -> Schedule:
     step = program.step
     asm = step.assembled
     timeline = simulate(step.plan.schedule, cost.contention)
-    factor = config.max_factor if barriers else 1
-    planner = planner_config(asm.primary, factor=factor, max_inflation=config.max_inflation)
     sequential = simulate(LaunchOrder.sequential([asm.primary, asm.secondary]), cost.contention)
     return Schedule(
         target=target,
@@ -554,6 +551,6 @@ def _schedule(
         coverage=coverage,
         planned_coverage=step.coverage,
         compile_s=compiled.compile_s,
-        sustained=run_to_completion(asm.primary, asm.secondary, cost=cost, config=planner),
+        sustained=run_to_completion(asm.primary, asm.secondary, cost=cost, config=step.config),
         barriers=barriers,
     )

@@ -57,9 +57,11 @@ class Piece:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """The planned step: windows in order, the secondary ops left for after the primary."""
+    """The planned step: windows in order, the secondary ops left for after the primary, and
+    the planner's knobs it was planned with (``config``)."""
 
     assembled: Assembled
+    config: InterleaveConfig
     plan: InterleavePlan
     windows: tuple[Window, ...]
     tail: tuple[int, ...]
@@ -169,6 +171,7 @@ def interleave(
     assert not placed or not tail or min(tail) > max(placed)
     return StepPlan(
         assembled=asm,
+        config=config,
         plan=plan,
         windows=tuple(windows),
         tail=tail,
