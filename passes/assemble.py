@@ -181,12 +181,12 @@ class Uses:
 
 
 def _rows(eqn: ir.JaxprEqn, weights: set[Any]) -> int:
-    """Extent of the dimension a GEMM/attention may be cut along (0: not splittable)."""
+    """Extent of the dimension a GEMM, attention or all-reduce may be cut along (0: not
+    splittable)."""
     if ir.eqn_name(eqn) == ATTENTION_NAME:
         return int(ir.aval_of(eqn.invars[0]).shape[1])  # query tokens T
-    if eqn.primitive.name != "dot_general":
-        return 0
-    dim = row_dim(eqn, weights)
+    is_dot = eqn.primitive.name == "dot_general"
+    dim = row_dim(eqn, weights) if is_dot else collective_row_dim(eqn)
     return 0 if dim is None else int(ir.aval_of(eqn.invars[0]).shape[dim])
 
 
@@ -247,14 +247,13 @@ def _op_of(
     if coll is not None:
         n = math.prod(axis_sizes[a] for a in _axes(first))
         moved = sum(nbytes(v.aval) for v in first.outvars)
-        dim = collective_row_dim(first) if len(eqns) == 1 else None
         return Op(
             name,
             COMM,
             bytes=moved,
             duration_s=cost.comm_duration(coll, moved, n),
             batch=batch,
-            rows=0 if dim is None else int(ir.aval_of(first.invars[0]).shape[dim]),
+            rows=_rows(first, weights) if len(eqns) == 1 else 0,
             collective=coll,
             group=n,
         )

@@ -49,39 +49,29 @@ def _piece_call(fn: Any) -> Any:
     return jax.jit(fn)
 
 
-def _dot_pieces(eqn: ir.JaxprEqn, dim: int, spans: Sequence[tuple[int, int]]) -> Any:
-    (lc, _), (lb, _) = eqn.params["dimension_numbers"]
-    ndim = len(ir.aval_of(eqn.invars[0]).shape)
-    free = [d for d in range(ndim) if d not in lc and d not in lb]
-    out_dim = len(lb) + free.index(dim)
+def _row_pieces(eqn: ir.JaxprEqn, dim: int, out_dim: int, spans: Sequence[tuple[int, int]]) -> Any:
+    """``eqn`` once per row span of its first operand (the others whole), the pieces
+    concatenated along ``out_dim`` of the output."""
 
-    def run(lhs: Any, rhs: Any) -> list[Any]:
+    def run(first: Any, *rest: Any) -> list[Any]:
         pieces = []
         for lo, hi in spans:
 
-            def piece(x: Any, w: Any, lo: int = lo, hi: int = hi) -> Any:
+            def piece(x: Any, *rest: Any, lo: int = lo, hi: int = hi) -> Any:
                 part = jax.lax.slice_in_dim(x, lo, hi, axis=dim)
-                return ir.bind(eqn.primitive, part, w, **eqn.params)[0]
+                return ir.bind(eqn.primitive, part, *rest, **eqn.params)[0]
 
-            pieces.append(_piece_call(piece)(lhs, rhs))
+            pieces.append(_piece_call(piece)(first, *rest))
         return [jax.lax.concatenate(pieces, out_dim)]
 
     return run
 
 
-def _collective_pieces(eqn: ir.JaxprEqn, dim: int, spans: Sequence[tuple[int, int]]) -> Any:
-    def run(x: Any) -> list[Any]:
-        pieces = []
-        for lo, hi in spans:
-
-            def piece(x: Any, lo: int = lo, hi: int = hi) -> Any:
-                part = jax.lax.slice_in_dim(x, lo, hi, axis=dim)
-                return ir.bind(eqn.primitive, part, **eqn.params)[0]
-
-            pieces.append(_piece_call(piece)(x))
-        return [jax.lax.concatenate(pieces, dim)]
-
-    return run
+def _dot_pieces(eqn: ir.JaxprEqn, dim: int, spans: Sequence[tuple[int, int]]) -> Any:
+    (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+    ndim = len(ir.aval_of(eqn.invars[0]).shape)
+    free = [d for d in range(ndim) if d not in lc and d not in lb]
+    return _row_pieces(eqn, dim, len(lb) + free.index(dim), spans)
 
 
 def _attention_pieces(eqn: ir.JaxprEqn, spans: Sequence[tuple[int, int]]) -> Any:
@@ -130,7 +120,7 @@ def decompose(step: StepPlan, axis_env: Sequence[tuple[str, int]]) -> Decomposed
         if ir.eqn_name(eqn) == ATTENTION_NAME:
             rewrites[i] = _attention_pieces(eqn, spans)
         elif (cdim := collective_row_dim(eqn)) is not None:
-            rewrites[i] = _collective_pieces(eqn, cdim, spans)
+            rewrites[i] = _row_pieces(eqn, cdim, cdim, spans)  # elementwise: rows stay put
         else:
             dim = row_dim(eqn, weights)
             if dim is None:
