@@ -254,7 +254,7 @@ def _window_args(shape: WindowShape, mesh: Any, axis: str) -> tuple[Any, ...]:
         x = jax.random.normal(key, struct.shape, dtype=struct.dtype)
         if struct.shape[0] == mesh.shape[axis] * shape.width:
             x = x * (shape.width**-0.5)
-        out.append(jax.device_put(x.astype(struct.dtype), struct.sharding))
+        out.append(jax.device_put(x, struct.sharding))
     return tuple(out)
 
 
